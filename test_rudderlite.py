@@ -1,0 +1,807 @@
+"""Tests for rudderlite, over real sockets and real files, in the order of the module.
+
+Most tests run a server in a background thread (``rudderlite.running``) on port 0; the tests of crashes,
+signals and resource limits run ``python rudderlite.py`` as a real process and wait for its listening line.
+"""
+
+import base64
+import glob
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.parse
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import rudderlite
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KEY = "test-write-key"
+OTHER_KEY = "other-write-key"
+UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+RECEIVED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+
+def basic_auth(write_key=KEY, password=""):
+    return "Basic " + base64.b64encode(f"{write_key}:{password}".encode()).decode()
+
+
+class Reply:
+    def __init__(self, response):
+        self.status = response.status
+        self.body = response.read()
+        self.text = self.body.decode("utf-8", "replace")
+        self.headers = response.headers
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def send(url, method, path, body=b"", headers=None, key=KEY, connection=None):
+    """One request; ``key=None`` sends no Authorization. Pass ``connection`` to reuse a keep-alive one."""
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    elif isinstance(body, str):
+        body = body.encode()
+    all_headers = {"Authorization": basic_auth(key)} if key is not None else {}
+    all_headers.update(headers or {})
+    own = connection is None
+    if own:
+        connection = http.client.HTTPConnection(urllib.parse.urlsplit(url).netloc, timeout=30)
+    try:
+        connection.request(method, path, body=body if body or method == "POST" else None, headers=all_headers)
+        return Reply(connection.getresponse())
+    finally:
+        if own:
+            connection.close()
+
+
+def post(url, path, body, **kwargs):
+    return send(url, "POST", path, body, **kwargs)
+
+
+def stored_events(data_dir):
+    """Every event in the files, oldest first; every line must be whole JSON."""
+    events = []
+    for path in sorted(glob.glob(os.path.join(data_dir, "events*.jsonl"))):
+        with open(path, "rb") as file:
+            content = file.read()
+        assert not content or content.endswith(b"\n"), f"{path} ends in a torn line"
+        events += [json.loads(line) for line in content.splitlines()]
+    return events
+
+
+def track(user_id="u1", event="Order Completed", **fields):
+    return {"userId": user_id, "event": event, **fields}
+
+
+def batch_of(*events, **top_level):
+    return {"batch": [{"type": "track", **event} for event in events], **top_level}
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return str(tmp_path / "data")
+
+
+@pytest.fixture
+def server(data_dir):
+    with rudderlite.running(port=0, data_dir=data_dir, quiet=True) as running_server:
+        yield running_server
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Start servers with any settings; all are stopped after the test."""
+    servers = []
+
+    def start(**settings):
+        settings.setdefault("data_dir", str(tmp_path / f"data{len(servers)}"))
+        server = rudderlite.make_server(rudderlite.Config(port=0, quiet=True, **settings)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+class Process:
+    """``python rudderlite.py`` as a real process; ready once it printed its listening line."""
+
+    def __init__(self, data_dir, *options, preexec_fn=None):
+        self.data_dir = data_dir
+        self.popen = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "rudderlite.py"), "--port", "0", "--data-dir", data_dir, *options],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
+        self.first_line = self.popen.stdout.readline().decode().rstrip("\n")
+        self.url = self.first_line.rsplit(" ", 1)[-1]
+
+    def stop(self, signal_number=signal.SIGTERM):
+        self.popen.send_signal(signal_number)
+        _out, err = self.popen.communicate(timeout=30)
+        self.stderr = err.decode()
+        return self.popen.returncode
+
+
+@pytest.fixture
+def processes(data_dir):
+    started = []
+
+    def start(*options, **kwargs):
+        process = Process(data_dir, *options, **kwargs)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.popen.poll() is None:
+            process.popen.kill()
+            process.popen.communicate()
+
+
+# -- 1. command line ------------------------------------------------------------------------------------------
+
+
+def test_listening_line_first_then_sigterm_exits_zero(processes):
+    process = processes()
+    assert re.fullmatch(r"rudderlite listening on http://127\.0\.0\.1:\d+", process.first_line)
+    assert process.url.rsplit(":", 1)[1] != "0"
+    assert post(process.url, "/v1/track", track()).status == 200
+    assert process.stop(signal.SIGTERM) == 0
+    assert len(stored_events(process.data_dir)) == 1
+
+
+def test_sigint_also_exits_zero(processes):
+    process = processes()
+    assert process.stop(signal.SIGINT) == 0
+
+
+@pytest.mark.parametrize("options", [["--port", "nope"], ["--fsync", "sometimes"], ["--max-event-bytes", "0"],
+                                     ["--port", "70000"], ["--no-such-option"]])
+def test_bad_option_is_one_line_and_exit_2(options):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "rudderlite.py"), *options],
+                            capture_output=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stdout == b""
+
+
+def test_unusable_data_dir_is_one_line_and_exit_2(tmp_path):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "rudderlite.py"), "--port", "0",
+                             "--data-dir", str(not_a_directory)], capture_output=True, timeout=30)
+    assert result.returncode == 2
+    assert len(result.stderr.decode().strip().splitlines()) == 1
+    assert "data-dir" in result.stderr.decode()
+
+
+def test_binds_loopback_by_default():
+    assert rudderlite.parse_config([]).host == "127.0.0.1"
+    assert rudderlite.parse_config([]) == rudderlite.Config()
+
+
+def test_write_key_never_in_the_access_log(processes):
+    process = processes()
+    post(process.url, "/v1/track", track(), key="secret-key-in-header")
+    post(process.url, "/beacon/v1/batch?writeKey=secret-key-in-query", batch_of(track()), key=None)
+    assert process.stop() == 0
+    assert "POST /beacon/v1/batch" in process.stderr
+    assert "secret-key" not in process.stderr
+
+
+# -- 2. endpoints ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event_type", rudderlite.EVENT_TYPES)
+def test_single_event_endpoint_stores_type_from_path(server, data_dir, event_type):
+    reply = post(server.url, f"/v1/{event_type}", {**track(), "type": "screen" if event_type != "screen" else "page",
+                                                  "previousId": "p", "groupId": "g"})
+    assert (reply.status, reply.text) == (200, "ok")
+    [stored] = stored_events(data_dir)
+    assert stored["type"] == event_type
+
+
+def test_batch_stores_every_event_and_ignores_other_top_level_keys(server, data_dir):
+    body = {"batch": [{"type": "track", **track("a")}, {"type": "identify", "userId": "b"}],
+            "sentAt": "2026-11-26T10:00:00Z", "writeKey": "ignored", "timestamp": "x", "context": {"y": 1}}
+    assert post(server.url, "/v1/batch", body).status == 200
+    stored = stored_events(data_dir)
+    assert [(event["type"], event["userId"]) for event in stored] == [("track", "a"), ("identify", "b")]
+    assert all("writeKey" not in event and "sentAt" not in event for event in stored)
+
+
+def test_beacon_takes_the_write_key_from_the_query(server, data_dir):
+    reply = post(server.url, f"/beacon/v1/batch?writeKey={KEY}", batch_of(track()), key=None,
+                 headers={"Content-Type": "text/plain"})
+    assert reply.status == 200
+    assert len(stored_events(data_dir)) == 1
+    assert len(server.received(KEY)) == 1
+
+
+def test_beacon_without_key_is_401_from_query(server, data_dir):
+    reply = post(server.url, "/beacon/v1/batch", batch_of(track()), key=KEY)
+    assert (reply.status, reply.text) == (401, "failed to read writekey from query params")
+    assert stored_events(data_dir) == []
+
+
+def test_preflight_answers_204_before_auth_echoing_what_was_asked(server):
+    reply = send(server.url, "OPTIONS", "/v1/track", key=None, headers={
+        "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "anonymousid,authorization,content-type,sentat,rsa-retry-attempt",
+        "Access-Control-Request-Private-Network": "true"})
+    assert reply.status == 204
+    assert reply.headers["Access-Control-Allow-Origin"] == "http://app.example"
+    assert reply.headers["Access-Control-Allow-Credentials"] == "true"
+    assert reply.headers["Access-Control-Allow-Headers"] == \
+        "anonymousid,authorization,content-type,sentat,rsa-retry-attempt"
+    assert reply.headers["Access-Control-Max-Age"] == "900"
+    assert reply.headers["Access-Control-Allow-Private-Network"] == "true"
+
+
+def test_preflight_on_any_path(server):
+    assert send(server.url, "OPTIONS", "/not/a/route", key=None).status == 204
+
+
+def test_cors_headers_on_errors_too(server):
+    reply = post(server.url, "/v1/track", track(), key=None, headers={"Origin": "http://app.example"})
+    assert reply.status == 401
+    assert reply.headers["Access-Control-Allow-Origin"] == "http://app.example"
+
+
+def test_no_cors_headers_without_origin(server):
+    assert "Access-Control-Allow-Origin" not in post(server.url, "/v1/track", track()).headers
+
+
+def test_origin_with_control_characters_cannot_inject_headers(server):
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nOrigin: http://a\r\n X-Injected: yes\r\n\r\n"
+    with raw_exchange(server, head) as sock:
+        answer = sock.recv(65536)
+    assert b"\r\nX-Injected" not in answer
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("path", ["/", "/health"])
+def test_health(server, path):
+    reply = send(server.url, "GET", path, key=None)
+    assert reply.status == 200
+    assert reply.json()["server"] == "UP"
+
+
+def test_version(server):
+    reply = send(server.url, "GET", "/version", key=None)
+    assert reply.json()["version"] == rudderlite.__version__
+
+
+@pytest.mark.parametrize("path", ["/sourceConfig", "/sourceConfig/?p=npm&v=3.34.1&build=modern&writeKey=" + KEY])
+def test_source_config_is_what_the_js_sdk_needs(server, path):
+    reply = send(server.url, "GET", path, headers={"Origin": "http://page"})
+    source = reply.json()["source"]
+    assert reply.status == 200
+    assert source["id"] and source["config"] == {} and source["destinations"] == [] and source["enabled"] is True
+    assert source["writeKey"] == KEY
+    assert reply.headers["Access-Control-Allow-Origin"] == "http://page"
+
+
+def test_source_config_head_has_no_body(server):
+    reply = send(server.url, "HEAD", "/sourceConfig/")
+    assert reply.status == 200 and reply.body == b""
+    assert int(reply.headers["Content-Length"]) > 0
+
+
+def test_source_config_refuses_unknown_key_when_keys_are_given(make_server):
+    server = make_server(write_keys=(KEY,))
+    assert send(server.url, "GET", "/sourceConfig/?writeKey=nope", key=None).status == 401
+    assert send(server.url, "GET", f"/sourceConfig/?writeKey={KEY}", key=None).status == 200
+
+
+def test_gzip_body_with_any_content_type(server, data_dir):
+    body = gzip.compress(json.dumps(batch_of(track())).encode())
+    reply = post(server.url, "/v1/batch", body,
+                 headers={"Content-Encoding": "gzip", "Content-Type": "application/x-www-form-urlencoded"})
+    assert reply.status == 200
+    assert stored_events(data_dir)[0]["event"] == "Order Completed"
+
+
+def test_chunked_body(server, data_dir):
+    connection = http.client.HTTPConnection(server.server_address[0], server.server_port)
+    chunks = [b'{"userId": "u1", ', b'"event": "Chunked"}']
+    connection.request("POST", "/v1/track", body=iter(chunks), encode_chunked=True,
+                       headers={"Authorization": basic_auth(), "Transfer-Encoding": "chunked"})
+    assert connection.getresponse().read() == b"ok"
+    assert stored_events(data_dir)[0]["event"] == "Chunked"
+
+
+def raw_exchange(server, head):
+    """A raw connection that has sent ``head``: for what http.client will not send."""
+    sock = socket.create_connection((server.server_address[0], server.server_port), timeout=30)
+    sock.sendall(head)
+    return sock
+
+
+def read_answer(sock):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1)) if b"Content-Length" in head else 0
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head, rest[:length]
+
+
+def test_expect_100_continue_is_answered_before_the_body(server, data_dir):
+    body = json.dumps(track()).encode()
+    head = (f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n").encode()
+    with raw_exchange(server, head) as sock:
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        status_head, answer = read_answer(sock)
+    assert status_head.startswith(b"HTTP/1.1 200") and answer == b"ok"
+    assert len(stored_events(data_dir)) == 1
+
+
+def test_expect_100_continue_too_large_is_refused_without_continue(server):
+    head = (f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+            f"Content-Length: {10 ** 9}\r\nExpect: 100-continue\r\n\r\n").encode()
+    with raw_exchange(server, head) as sock:
+        status_head, answer = read_answer(sock)
+    assert status_head.startswith(b"HTTP/1.1 413")
+    assert answer == b"request size exceeds max limit"
+
+
+def test_expect_100_continue_unauthorized_is_refused_without_continue(server):
+    head = b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+    with raw_exchange(server, head) as sock:
+        status_head, _answer = read_answer(sock)
+    assert status_head.startswith(b"HTTP/1.1 401")
+
+
+def test_keep_alive_carries_many_requests_and_errors(server, data_dir):
+    connection = http.client.HTTPConnection(server.server_address[0], server.server_port)
+    statuses = [post(server.url, "/v1/track", body, connection=connection).status
+                for body in [track(), b"{not json", track(), {"event": "no ids"}, track()]]
+    assert statuses == [200, 400, 200, 400, 200]
+    assert send(server.url, "GET", "/nope", b"x" * 100, connection=connection).status == 404
+    assert post(server.url, "/v1/track", track(), connection=connection).status == 200
+    assert len(stored_events(data_dir)) == 4
+
+
+# -- 3. answers, in their order -------------------------------------------------------------------------------
+
+
+def test_unknown_path_is_404(server):
+    reply = post(server.url, "/v1/nope", track())
+    assert (reply.status, reply.text) == (404, "404 page not found")
+    assert reply.headers["Content-Type"] == "text/plain; charset=utf-8"
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/v1/track"), ("PUT", "/v1/batch"), ("DELETE", "/v1/page"),
+                                         ("POST", "/health"), ("GET", "/rudderlite/reset")])
+def test_known_path_wrong_method_is_405_before_auth(server, method, path):
+    reply = send(server.url, method, path, key=None)
+    assert (reply.status, reply.text) == (405, "method not allowed")
+    assert "OPTIONS" in reply.headers["Allow"]
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer abc", "Basic !!!notbase64", "Basic " + base64.b64encode(
+    b"no-colon").decode(), basic_auth(""), "Basic " + base64.b64encode(b"\xff\xfe:").decode()])
+def test_missing_or_undecodable_credentials_are_401(server, data_dir, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    reply = post(server.url, "/v1/track", track(), key=None, headers=headers)
+    assert (reply.status, reply.text) == (401, "failed to read writekey from header")
+    assert stored_events(data_dir) == []
+
+
+def test_password_is_ignored(server):
+    assert post(server.url, "/v1/track", track(), headers={"Authorization": basic_auth(KEY, "pw")}).status == 200
+
+
+def test_write_key_allow_list(make_server):
+    server = make_server(write_keys=(KEY, OTHER_KEY))
+    assert post(server.url, "/v1/track", track(), key=KEY).status == 200
+    assert post(server.url, "/v1/track", track(), key=OTHER_KEY).status == 200
+    reply = post(server.url, "/v1/track", track(), key=KEY + "x")
+    assert (reply.status, reply.text) == (401, "invalid write key")
+    reply = post(server.url, f"/beacon/v1/batch?writeKey={KEY}x", batch_of(track()), key=None)
+    assert (reply.status, reply.text) == (401, "invalid write key")
+
+
+def test_write_keys_are_compared_in_constant_time():
+    assert rudderlite.write_key_allowed("a", ("a", "b"))
+    assert not rudderlite.write_key_allowed("c", ("a", "b"))
+    assert rudderlite.write_key_allowed("anything", ())
+
+
+def test_single_event_over_limit_is_413(make_server):
+    server = make_server(max_event_bytes=100)
+    body = json.dumps(track(properties={"pad": "x" * 200}))
+    reply = post(server.url, "/v1/track", body)
+    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
+    assert stored_events(server.config.data_dir) == []
+
+
+def test_batch_over_limit_is_413(make_server):
+    server = make_server(max_batch_bytes=1000)
+    reply = post(server.url, "/v1/batch", batch_of(*[track()] * 30))
+    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
+
+
+def test_one_event_of_a_batch_over_the_event_limit_is_413_and_named_in_rejected(make_server):
+    server = make_server(max_event_bytes=200)
+    body = batch_of(track(), track(properties={"pad": "x" * 300}))
+    reply = post(server.url, "/v1/batch", body)
+    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
+    [rejected] = send(server.url, "GET", "/rudderlite/rejected").json()["rejected"]
+    assert rejected["detail"].startswith("batch[1] is ")
+    assert "over --max-event-bytes 200" in rejected["detail"]
+    assert stored_events(server.config.data_dir) == []
+
+
+def test_huge_declared_body_is_refused_without_reading_it(server):
+    with raw_exchange(server, (f"POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+                               f"Content-Length: {2 * 10 ** 9}\r\n\r\n").encode() + b"{" * 1000) as sock:
+        status_head, answer = read_answer(sock)
+    assert status_head.startswith(b"HTTP/1.1 413") and b"Connection: close" in status_head
+
+
+def test_endless_chunked_body_is_refused_at_the_limit(make_server):
+    server = make_server(max_batch_bytes=10_000)
+    with raw_exchange(server, (f"POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+                               "Transfer-Encoding: chunked\r\n\r\n").encode()) as sock:
+        try:
+            for _ in range(100):
+                sock.sendall(b"1000\r\n" + b" " * 4096 + b"\r\n")
+        except OSError:
+            pass  # the server stopped reading: that is the point
+        status_head, _answer = read_answer(sock)
+    assert status_head.startswith(b"HTTP/1.1 413")
+
+
+def test_gzip_bomb_costs_no_more_than_the_limit(server):
+    bomb = gzip.compress(b"[" + b" " * (64 * 1024 * 1024) + b"]", compresslevel=9)
+    assert len(bomb) < 100_000
+    reply = post(server.url, "/v1/batch", bomb, headers={"Content-Encoding": "gzip"})
+    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
+
+
+INVALID_JSON_BODIES = {
+    "not json": b"{nope",
+    "empty": b"",
+    "not utf-8": b'{"userId": "\xff\xfe", "event": "x"}',
+    "utf-16": json.dumps(track()).encode("utf-16"),
+    "NaN": b'{"userId": "u", "event": "x", "properties": {"v": NaN}}',
+    "Infinity": b'{"userId": "u", "event": "x", "properties": {"v": Infinity}}',
+    "-Infinity": b'{"userId": "u", "event": "x", "properties": {"v": -Infinity}}',
+    "overflowing number": b'{"userId": "u", "event": "x", "properties": {"v": 1e400}}',
+    "deep nesting": b'{"userId": "u", "event": "x", "properties": ' + b"[" * 15_000 + b"]" * 15_000 + b"}",
+    "trailing garbage": json.dumps(track()).encode() + b"}",
+}
+
+
+@pytest.mark.parametrize("name", INVALID_JSON_BODIES)
+def test_invalid_json_is_400(server, data_dir, name):
+    for path, body in [("/v1/track", INVALID_JSON_BODIES[name]),
+                       ("/v1/batch", INVALID_JSON_BODIES[name].replace(b'{"userId"', b'{"batch": [{"userId"'))]:
+        reply = post(server.url, path, body)
+        assert (reply.status, reply.text) == (400, "invalid json"), path
+    assert stored_events(data_dir) == []
+
+
+@pytest.mark.parametrize("gzip_body", [b"not gzip at all", gzip.compress(json.dumps(track()).encode())[:-6]])
+def test_undecodable_gzip_is_invalid_json(server, gzip_body):
+    reply = post(server.url, "/v1/track", gzip_body, headers={"Content-Encoding": "gzip"})
+    assert (reply.status, reply.text) == (400, "invalid json")
+
+
+@pytest.mark.parametrize("body", [{}, {"batch": None}, {"batch": {}}, {"batch": "x"}, {"batch": []}, [track()], "x"])
+def test_empty_batch_payload(server, body):
+    reply = post(server.url, "/v1/batch", json.dumps(body))
+    assert (reply.status, reply.text) == (400, "empty batch payload")
+
+
+@pytest.mark.parametrize("path,body", [("/v1/batch", {"batch": [1]}), ("/v1/batch", {"batch": [track(), "x"]}),
+                                       ("/v1/track", [track()]), ("/v1/track", "x"), ("/v1/identify", None)])
+def test_event_that_is_not_an_object(server, data_dir, path, body):
+    reply = post(server.url, path, json.dumps(body))
+    assert (reply.status, reply.text) == (400, "event is not a valid rudder event")
+    assert stored_events(data_dir) == []
+
+
+@pytest.mark.parametrize("ids", [{}, {"userId": None}, {"userId": None, "anonymousId": None},
+                                 {"userId": "", "anonymousId": "  "}, {"userId": " \t\n"}])
+def test_event_without_ids(server, data_dir, ids):
+    without_ids = {"event": "x", **ids}
+    for path, body in [("/v1/track", without_ids), ("/v1/batch", batch_of(track(), without_ids))]:
+        reply = post(server.url, path, body)
+        assert (reply.status, reply.text) == (400, "request neither has anonymousId nor userId")
+    assert stored_events(data_dir) == []
+
+
+@pytest.mark.parametrize("ids", [{"userId": 0}, {"anonymousId": 12.5}, {"userId": "", "anonymousId": "a"},
+                                 {"userId": None, "anonymousId": "a"}])
+def test_numbers_and_one_id_are_enough(server, ids):
+    assert post(server.url, "/v1/track", {"event": "x", **ids}).status == 200
+
+
+def test_size_is_checked_before_the_other_400s(make_server):
+    server = make_server(max_event_bytes=200)
+    body = {"batch": ["not an event", {"type": "track", "event": "x", "properties": {"pad": "x" * 300}}]}
+    assert post(server.url, "/v1/batch", body).status == 413
+
+
+def test_oversized_invalid_json_is_413_not_400(make_server):
+    server = make_server(max_event_bytes=100)
+    assert post(server.url, "/v1/track", b"{" * 200).status == 413
+
+
+def test_unauthorized_comes_before_too_large(make_server):
+    server = make_server(max_event_bytes=100, write_keys=(KEY,))
+    assert post(server.url, "/v1/track", b"x" * 200, key=None).text == "failed to read writekey from header"
+    assert post(server.url, "/v1/track", b"x" * 200, key="nope").text == "invalid write key"
+
+
+@pytest.mark.parametrize("events,message", [
+    ([{"event": "no ids"}, "not an event"], "request neither has anonymousId nor userId"),
+    (["not an event", {"event": "no ids"}], "event is not a valid rudder event"),
+])
+def test_first_failing_event_decides(server, events, message):
+    assert post(server.url, "/v1/batch", {"batch": events}).text == message
+
+
+def test_strict_violation_names_field_and_index(make_server):
+    server = make_server(strict=True)
+    body = batch_of(track(), track(), track(), {"userId": "u", "event": "  "})
+    reply = post(server.url, "/v1/batch", body)
+    assert (reply.status, reply.text) == (400, 'batch[3].event: track needs a non-empty "event"')
+    assert stored_events(server.config.data_dir) == []
+
+
+def test_nothing_of_a_refused_request_is_stored(server, data_dir):
+    body = batch_of(*[track(f"u{i}") for i in range(10)], {"event": "no ids"})
+    assert post(server.url, "/v1/batch", body).status == 400
+    assert stored_events(data_dir) == [] and server.received(KEY) == []
+
+
+def test_malformed_request_line_gets_plain_400(server):
+    with raw_exchange(server, b"THIS IS NOT HTTP\r\n\r\n") as sock:
+        status_head, _answer = read_answer(sock)
+    assert status_head.startswith(b"HTTP/1.1 400")
+
+
+def test_oversized_head_is_431(server):
+    with raw_exchange(server, b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n") as sock:
+        status_head, _answer = read_answer(sock)
+    assert status_head.startswith(b"HTTP/1.1 431")
+
+
+def test_conflicting_content_length_is_refused(server, data_dir):
+    head = (f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+            "Content-Length: 5\r\nContent-Length: 6\r\n\r\n{}{}{}").encode()
+    with raw_exchange(server, head) as sock:
+        status_head, _answer = read_answer(sock)
+    assert status_head.startswith(b"HTTP/1.1 400")
+    assert stored_events(data_dir) == []
+
+
+# -- 4. what is stored ----------------------------------------------------------------------------------------
+
+
+def expected_rudder_id(user_id_text, anonymous_id_text):
+    """Independent of the module: MD5 hex, version nibble 4, variant nibble 8-b."""
+    digest = bytearray(hashlib.md5(f"{user_id_text}:{anonymous_id_text}".encode()).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x40
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    hex_text = digest.hex()
+    return f"{hex_text[:8]}-{hex_text[8:12]}-{hex_text[12:16]}-{hex_text[16:20]}-{hex_text[20:]}"
+
+
+def test_enrichment(server, data_dir):
+    sent = {"userId": " u1 ", "anonymousId": "a1", "event": "x", "properties": {"k": [1, 2.5, None, "é"]}}
+    post(server.url, "/v1/track", sent, headers={"X-Forwarded-For": "203.0.113.9, 10.0.0.1"})
+    [stored] = stored_events(data_dir)
+    assert UUID_TEXT.fullmatch(stored["messageId"])
+    assert RECEIVED_AT.fullmatch(stored["receivedAt"])
+    assert stored["request_ip"] == "203.0.113.9"
+    assert stored["rudderId"] == expected_rudder_id("u1", "a1")
+    assert stored["type"] == "track"
+    assert {key: stored[key] for key in sent} == sent
+
+
+def test_request_ip_is_the_peer_without_forwarded_for(server, data_dir):
+    post(server.url, "/v1/track", track())
+    assert stored_events(data_dir)[0]["request_ip"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("ids,text", [({"userId": 42}, "42:"), ({"anonymousId": "a"}, ":a"),
+                                      ({"userId": "u", "anonymousId": None}, "u:")])
+def test_rudder_id_from_ids(server, data_dir, ids, text):
+    post(server.url, "/v1/track", {"event": "x", **ids})
+    assert stored_events(data_dir)[0]["rudderId"] == expected_rudder_id(*text.split(":"))
+
+
+@pytest.mark.parametrize("sent,kept", [("node-next-1732615200000-abc", True), ("  m-1  ", False), ("", False),
+                                       ("   ", False), (17, False), (None, False)])
+def test_message_id(server, data_dir, sent, kept):
+    post(server.url, "/v1/track", track(messageId=sent))
+    stored = stored_events(data_dir)[0]["messageId"]
+    if kept:
+        assert stored == sent
+    elif isinstance(sent, str) and sent.strip():
+        assert stored == sent.strip()
+    else:
+        assert UUID_TEXT.fullmatch(stored)
+
+
+def test_received_at_and_request_ip_sent_by_the_client_are_kept(server, data_dir):
+    post(server.url, "/v1/batch", batch_of(track(receivedAt="2020-01-01T00:00:00.000Z", request_ip="1.2.3.4")))
+    stored = stored_events(data_dir)[0]
+    assert (stored["receivedAt"], stored["request_ip"]) == ("2020-01-01T00:00:00.000Z", "1.2.3.4")
+
+
+def test_lone_surrogate_is_stored_as_valid_utf8_json(server, data_dir):
+    post(server.url, "/v1/track", b'{"userId": "u", "event": "\\ud800 x"}')
+    with open(os.path.join(data_dir, "events.jsonl"), "rb") as file:
+        line = file.read()
+    line.decode("utf-8")  # valid UTF-8, so jq and every reader can take it
+    assert json.loads(line)["event"] == "\ud800 x"
+
+
+def test_rotation_keeps_every_event_once_in_files_that_sort_in_order(make_server):
+    server = make_server(rotate_bytes=2000)
+    for number in range(60):
+        assert post(server.url, "/v1/track", track(event=f"e{number}")).status == 200
+    files = sorted(glob.glob(os.path.join(server.config.data_dir, "events*.jsonl")))
+    assert len(files) > 5 and files[-1].endswith("events.jsonl")
+    assert all(re.fullmatch(r"events-\d{8}T\d{6}\.\d{6}Z\.jsonl", os.path.basename(path)) for path in files[:-1])
+    assert all(os.path.getsize(path) <= 2000 for path in files)
+    assert [event["event"] for event in stored_events(server.config.data_dir)] == [f"e{n}" for n in range(60)]
+
+
+def test_request_larger_than_rotate_bytes_goes_alone_into_a_fresh_file(make_server):
+    server = make_server(rotate_bytes=1000)
+    post(server.url, "/v1/track", track())
+    post(server.url, "/v1/batch", batch_of(*[track(f"big{i}") for i in range(20)]))
+    post(server.url, "/v1/track", track())
+    files = sorted(glob.glob(os.path.join(server.config.data_dir, "events*.jsonl")))
+    counts = [len(open(path).read().splitlines()) for path in files]
+    assert counts == [1, 20, 1]
+
+
+def test_torn_last_line_is_cut_at_start_and_whole_lines_kept(processes, data_dir):
+    os.makedirs(data_dir)
+    whole = json.dumps(track()) + "\n"
+    with open(os.path.join(data_dir, "events.jsonl"), "w") as file:
+        file.write(whole * 3 + '{"userId": "u", "ev')
+    process = processes()
+    assert post(process.url, "/v1/track", track()).status == 200
+    assert process.stop() == 0
+    assert "cut a torn last line of 19 bytes" in process.stderr
+    assert len(stored_events(data_dir)) == 4
+
+
+# -- property tests: size limits at the exact byte, and what is stored ---------------------------------------
+
+EVENT_LIMIT = 1024
+BATCH_LIMIT = 4096
+
+json_scalars = (st.none() | st.booleans() | st.integers(-(2 ** 53), 2 ** 53)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+json_values = st.recursive(json_scalars, lambda children: st.lists(children, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), children, max_size=3), max_leaves=8)
+identifiers = st.text(min_size=1, max_size=20).filter(lambda text: text.strip() == text and text.strip())
+valid_events = st.fixed_dictionaries(
+    {"userId": identifiers, "event": identifiers},
+    optional={"anonymousId": identifiers, "properties": st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+              "context": st.fixed_dictionaries({"library": st.fixed_dictionaries({"name": identifiers})}),
+              "timestamp": st.just("2026-11-26T10:00:00.123+01:00")})
+
+
+@pytest.fixture(scope="module")
+def limits_server(tmp_path_factory):
+    settings_ = dict(max_event_bytes=EVENT_LIMIT, max_batch_bytes=BATCH_LIMIT, port=0, quiet=True,
+                     data_dir=str(tmp_path_factory.mktemp("limits")))
+    with rudderlite.running(**settings_) as server:
+        yield server
+
+
+def padded_to(body: bytes, size: int) -> bytes:
+    """The same JSON with trailing white space up to exactly ``size`` bytes."""
+    assert len(body) <= size
+    return body + b" " * (size - len(body))
+
+
+def accepted_count(server):
+    return len(server.received(KEY))
+
+
+hypothesis_settings = settings(max_examples=25, deadline=None,
+                               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@hypothesis_settings
+@given(event=valid_events, gzipped=st.booleans())
+def test_single_event_body_of_exactly_the_limit_is_accepted_one_more_byte_is_413(limits_server, event, gzipped):
+    body = json.dumps(event, ensure_ascii=False).encode()
+    if len(body) > EVENT_LIMIT - 1:
+        return
+    headers = {"Content-Encoding": "gzip"} if gzipped else {}
+    encode = gzip.compress if gzipped else bytes
+    before = accepted_count(limits_server)
+    assert post(limits_server.url, "/v1/track", encode(padded_to(body, EVENT_LIMIT)), headers=headers).status == 200
+    reply = post(limits_server.url, "/v1/track", encode(padded_to(body, EVENT_LIMIT + 1)), headers=headers)
+    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
+    assert accepted_count(limits_server) == before + 1
+
+
+@hypothesis_settings
+@given(events=st.lists(valid_events, min_size=1, max_size=5), gzipped=st.booleans())
+def test_batch_body_of_exactly_the_limit_is_accepted_one_more_byte_is_413(limits_server, events, gzipped):
+    body = json.dumps({"batch": [{"type": "track", **event} for event in events]}).encode()
+    if len(body) > BATCH_LIMIT - 1 or any(len(rudderlite.encode_json(e)) > EVENT_LIMIT - 20 for e in events):
+        return
+    headers = {"Content-Encoding": "gzip"} if gzipped else {}
+    encode = gzip.compress if gzipped else bytes
+    before = accepted_count(limits_server)
+    assert post(limits_server.url, "/v1/batch", encode(padded_to(body, BATCH_LIMIT)), headers=headers).status == 200
+    reply = post(limits_server.url, "/v1/batch", encode(padded_to(body, BATCH_LIMIT + 1)), headers=headers)
+    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
+    assert accepted_count(limits_server) == before + len(events)
+
+
+def event_of_encoded_size(event: dict, size: int) -> dict:
+    """The event with a ``pad`` property making its compact JSON exactly ``size`` bytes."""
+    padded = {**event, "type": "track", "properties": {**event.get("properties", {}), "pad": ""}}
+    missing = size - len(json.dumps(padded, ensure_ascii=False, separators=(",", ":")).encode())
+    padded["properties"]["pad"] = "x" * missing
+    return padded
+
+
+@hypothesis_settings
+@given(event=valid_events, gzipped=st.booleans())
+def test_batch_event_of_exactly_the_event_limit_is_accepted_one_more_byte_is_413(limits_server, event, gzipped):
+    if len(json.dumps(event, ensure_ascii=False).encode()) > EVENT_LIMIT - 100:
+        return
+    headers = {"Content-Encoding": "gzip"} if gzipped else {}
+    encode = gzip.compress if gzipped else bytes
+    at_limit = {"batch": [track(), event_of_encoded_size(event, EVENT_LIMIT)]}
+    over_limit = {"batch": [track(), event_of_encoded_size(event, EVENT_LIMIT + 1)]}
+    before = accepted_count(limits_server)
+    assert post(limits_server.url, "/v1/batch", encode(json.dumps(at_limit).encode()), headers=headers).status == 200
+    reply = post(limits_server.url, "/v1/batch", encode(json.dumps(over_limit).encode()), headers=headers)
+    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
+    assert accepted_count(limits_server) == before + 2
+
+
+@hypothesis_settings
+@given(event=valid_events, event_type=st.sampled_from(rudderlite.EVENT_TYPES), batched=st.booleans())
+def test_what_is_stored_is_what_was_sent_plus_the_enrichment(limits_server, event, event_type, batched):
+    message_id = str(uuid.uuid4())
+    sent = {**event, "messageId": message_id, "previousId": "p", "groupId": "g"}
+    if batched:
+        sent["type"] = event_type
+        reply = post(limits_server.url, "/v1/batch", {"batch": [sent]})
+    else:
+        reply = post(limits_server.url, f"/v1/{event_type}", sent)
+    assert reply.status == 200
+    [from_file] = [stored for stored in stored_events(limits_server.config.data_dir)
+                   if stored["messageId"] == message_id]
+    added = {key: from_file.pop(key) for key in ("receivedAt", "request_ip", "rudderId")}
+    assert from_file == {**sent, "type": event_type}
+    assert RECEIVED_AT.fullmatch(added["receivedAt"]) and added["request_ip"] == "127.0.0.1"
+    assert added["rudderId"] == expected_rudder_id(event["userId"], event.get("anonymousId", ""))
