@@ -1216,14 +1216,18 @@ class Connections:
                 if deadline < now:
                     self._shut(sock)
 
-    def close(self, grace: float) -> None:
-        """Refuse new connections, close the idle ones, wait up to ``grace`` seconds for the busy ones."""
-        deadline = time.monotonic() + grace
+    def close_idle(self) -> None:
+        """From now on, refuse new connections and close each connection as soon as it is idle."""
         with self._changed:
             self.closing = True
             for sock, (_deadline, busy) in self._open.items():
                 if not busy:
                     self._shut(sock)
+
+    def wait_until_idle(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for the requests in flight to be answered."""
+        deadline = time.monotonic() + grace
+        with self._changed:
             while any(busy for _deadline, busy in self._open.values()) and time.monotonic() < deadline:
                 self._changed.wait(deadline - time.monotonic())
 
@@ -1304,9 +1308,10 @@ class RudderliteServer(http.server.ThreadingHTTPServer):
         if self._serving is not None:
             self.shutdown()
             self._serving.join()
+        self.connections.close_idle()
         self.socket.close()
         self.history.close()
-        self.connections.close(grace)
+        self.connections.wait_until_idle(grace)
         self.store.close()
 
     def received(self, write_key: Optional[str] = None, **filters: str) -> List[dict]:

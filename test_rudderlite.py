@@ -805,3 +805,201 @@ def test_what_is_stored_is_what_was_sent_plus_the_enrichment(limits_server, even
     assert from_file == {**sent, "type": event_type}
     assert RECEIVED_AT.fullmatch(added["receivedAt"]) and added["request_ip"] == "127.0.0.1"
     assert added["rudderId"] == expected_rudder_id(event["userId"], event.get("anonymousId", ""))
+
+
+# -- never lose an acknowledged event; never fall over ---------------------------------------------------------
+
+
+class LoadSenders:
+    """Threads sending batches of two events over keep-alive connections until stopped or refused."""
+
+    def __init__(self, url, threads=4, events_per_batch=2):
+        self.url = url
+        self.events_per_batch = events_per_batch
+        self.acknowledged = []  # batch ids answered 200
+        self.statuses = []
+        self.changed = threading.Condition()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.send_until_stopped) for _ in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def send_until_stopped(self):
+        connection = http.client.HTTPConnection(urllib.parse.urlsplit(self.url).netloc, timeout=30)
+        while not self.stopping.is_set():
+            batch_id = str(uuid.uuid4())
+            body = batch_of(*[track(messageId=f"{batch_id}/{n}") for n in range(self.events_per_batch)])
+            try:
+                reply = post(self.url, "/v1/batch", body, connection=connection)
+            except (OSError, http.client.HTTPException):
+                return
+            with self.changed:
+                self.statuses.append(reply.status)
+                if reply.status == 200:
+                    self.acknowledged.append(batch_id)
+                self.changed.notify_all()
+
+    def wait_for(self, count):
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.acknowledged) >= count, timeout=120)
+
+    def stop(self):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(60)
+
+
+def assert_each_acknowledged_event_stored_once(data_dir, senders):
+    counts = {}
+    for event in stored_events(data_dir):
+        counts[event["messageId"]] = counts.get(event["messageId"], 0) + 1
+    assert set(counts.values()) == {1}
+    for batch_id in senders.acknowledged:
+        assert all(counts.get(f"{batch_id}/{n}") == 1 for n in range(senders.events_per_batch))
+
+
+def test_sigkill_under_load_keeps_every_acknowledged_event_exactly_once(processes, data_dir):
+    process = processes()
+    senders = LoadSenders(process.url)
+    senders.wait_for(300)
+    process.popen.kill()
+    senders.stop()
+    process.popen.wait()
+    assert processes().stop() == 0  # a restart cuts a line a kill may have torn, and touches nothing else
+    assert_each_acknowledged_event_stored_once(data_dir, senders)
+
+
+def test_rotation_under_concurrent_load_keeps_every_event_once_and_requests_whole(make_server):
+    server = make_server(rotate_bytes=4096)
+    senders = LoadSenders(server.url, threads=6, events_per_batch=3)
+    senders.wait_for(300)
+    senders.stop()
+    assert_each_acknowledged_event_stored_once(server.config.data_dir, senders)
+    files = glob.glob(os.path.join(server.config.data_dir, "events*.jsonl"))
+    assert len(files) > 10
+    for path in files:  # the three events of a request stand together in one file
+        ids = [json.loads(line)["messageId"] for line in open(path)]
+        for position in range(0, len(ids), 3):
+            assert [message_id.split("/")[1] for message_id in ids[position:position + 3]] == ["0", "1", "2"]
+            assert len({message_id.split("/")[0] for message_id in ids[position:position + 3]}) == 1
+
+
+def limit_file_size_to_20_kb():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_failed_write_is_500_leaves_whole_lines_and_recovers(processes, data_dir):
+    process = processes(preexec_fn=limit_file_size_to_20_kb)
+    acknowledged = []
+    for number in range(100):
+        reply = post(process.url, "/v1/track", track(event=f"e{number}", properties={"pad": "x" * 700}))
+        if reply.status != 200:
+            break
+        acknowledged.append(f"e{number}")
+    assert (reply.status, reply.text) == (500, "failed to store events")
+    assert [event["event"] for event in stored_events(data_dir)] == acknowledged  # whole lines, nothing more
+    assert post(process.url, "/v1/track", track(event="still refused", properties={"pad": "x" * 700})).status == 500
+    resource.prlimit(process.popen.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert post(process.url, "/v1/track", track(event="after")).status == 200
+    assert process.stop() == 0
+    assert [event["event"] for event in stored_events(data_dir)] == acknowledged + ["after"]
+    assert "Traceback" not in process.stderr
+
+
+def test_slow_headers_are_cut_and_idle_connections_do_not_block_others(make_server):
+    server = make_server(head_timeout=1.0)
+    address = (server.server_address[0], server.server_port)
+    idle = [socket.create_connection(address) for _ in range(300)]
+    slowloris = socket.create_connection(address, timeout=30)
+    slowloris.sendall(b"POST /v1/track HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+    try:
+        assert post(server.url, "/v1/track", track()).status == 200
+        slowloris.sendall(b"b")
+        assert slowloris.recv(1024) == b""  # the watchdog closed it once its head took longer than head_timeout
+    finally:
+        for sock in idle + [slowloris]:
+            sock.close()
+
+
+def test_idle_keep_alive_connection_is_closed_after_idle_timeout(make_server):
+    server = make_server(idle_timeout=1.0)
+    connection = http.client.HTTPConnection(server.server_address[0], server.server_port, timeout=30)
+    assert post(server.url, "/v1/track", track(), connection=connection).status == 200
+    assert connection.sock.recv(1024) == b""
+
+
+def test_connections_over_the_cap_get_503(make_server):
+    server = make_server(max_connections=5)
+    address = (server.server_address[0], server.server_port)
+    held = [socket.create_connection(address) for _ in range(5)]
+    try:
+        with raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n") as sock:
+            status_head, answer = read_answer(sock)
+        assert status_head.startswith(b"HTTP/1.1 503") and answer == b"too many connections"
+    finally:
+        for sock in held:
+            sock.close()
+    with raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n") as sock:  # a freed slot serves again
+        status_head, _answer = read_answer(sock)
+    assert status_head.startswith(b"HTTP/1.1 200")
+
+
+def test_clients_leaving_mid_request_leave_no_traceback(processes, data_dir):
+    process = processes()
+    address = urllib.parse.urlsplit(process.url).netloc.split(":")
+    head = f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\nContent-Length: 1000\r\n\r\n"
+    for partial in [head.encode() + b'{"userId"', head.encode(), b"POST /v1/tr", b"GET /health HTTP/1.1\r\nHo"]:
+        with socket.create_connection((address[0], int(address[1]))) as sock:
+            sock.sendall(partial)
+    with socket.create_connection((address[0], int(address[1]))) as sock:  # leaves before reading its answer
+        body = json.dumps(track()).encode()
+        sock.sendall(head.replace("1000", str(len(body))).encode() + body)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    assert post(process.url, "/v1/track", track()).status == 200
+    assert process.stop() == 0
+    assert "Traceback" not in process.stderr and "Exception" not in process.stderr
+    assert all(event["userId"] == "u1" for event in stored_events(data_dir))
+
+
+def test_sigterm_under_load_exits_zero_and_keeps_every_acknowledged_event(processes, data_dir):
+    process = processes()
+    senders = LoadSenders(process.url)
+    senders.wait_for(200)
+    assert process.stop(signal.SIGTERM) == 0
+    senders.stop()
+    assert set(senders.statuses) == {200}
+    assert_each_acknowledged_event_stored_once(data_dir, senders)
+    assert "Traceback" not in process.stderr
+
+
+def test_sigterm_lets_a_request_in_flight_finish(processes, data_dir):
+    process = processes()
+    address = urllib.parse.urlsplit(process.url).netloc.split(":")
+    body = json.dumps(track(event="in flight")).encode()
+    head = (f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((address[0], int(address[1])), timeout=30) as sock:
+        sock.sendall(head + body[:10])
+        assert send(process.url, "GET", "/health").status == 200  # the server has the partial request by now
+        process.popen.send_signal(signal.SIGTERM)
+        while True:  # wait for the readiness signal of shutting down: new connections are refused
+            try:
+                socket.create_connection((address[0], int(address[1]))).close()
+            except ConnectionRefusedError:
+                break
+        sock.sendall(body[10:])
+        status_head, answer = read_answer(sock)
+    assert status_head.startswith(b"HTTP/1.1 200") and b"Connection: close" in status_head
+    assert process.stop() == 0
+    assert [event["event"] for event in stored_events(data_dir)] == ["in flight"]
+
+
+@pytest.mark.parametrize("mode", ["always", "interval"])
+def test_fsync_modes_store_every_concurrent_request(processes, data_dir, mode):
+    process = processes("--fsync", mode)
+    senders = LoadSenders(process.url, threads=8)
+    senders.wait_for(200)
+    senders.stop()
+    assert process.stop() == 0
+    assert_each_acknowledged_event_stored_once(data_dir, senders)
