@@ -1189,6 +1189,10 @@ class Connections:
         self._changed = threading.Condition()
         self._open: Dict[socket.socket, Tuple[float, bool]] = {}  # socket -> (deadline, busy)
 
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._open)
+
     def admit(self, sock: socket.socket) -> bool:
         with self._changed:
             if len(self._open) >= self.limit or self.closing:

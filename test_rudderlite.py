@@ -1003,3 +1003,215 @@ def test_fsync_modes_store_every_concurrent_request(processes, data_dir, mode):
     senders.stop()
     assert process.stop() == 0
     assert_each_acknowledged_event_stored_once(data_dir, senders)
+
+
+# -- 5. contract violations: warnings by default, 400 under --strict ------------------------------------------
+
+# (event in a batch, the message, with the event's index prepended in a batch)
+VIOLATIONS = [
+    ({"userId": "u", "event": "x"}, "type: missing is not one of track, identify, page, screen, group, alias"),
+    ({"type": "Track", "userId": "u", "event": "x"},
+     'type: "Track" is not one of track, identify, page, screen, group, alias'),
+    ({"type": "track", "userId": "u"}, 'event: track needs a non-empty "event"'),
+    ({"type": "track", "userId": "u", "event": " "}, 'event: track needs a non-empty "event"'),
+    ({"type": "track", "userId": "u", "event": 7}, 'event: track needs a non-empty "event"'),
+    ({"type": "alias", "userId": "u"}, 'previousId: alias needs "previousId"'),
+    ({"type": "alias", "userId": "u", "previousId": None}, 'previousId: alias needs "previousId"'),
+    ({"type": "group", "userId": "u", "groupId": ""}, 'groupId: group needs "groupId"'),
+    *[({"type": "identify", "userId": "u", field: value}, f"{field}: must be an object, not {kind}")
+      for field in rudderlite.OBJECT_FIELDS for value, kind in [([], "array"), ("x", "string"), (1, "number")]],
+    *[({"type": "identify", "userId": "u", field: value}, f"{field}: must be an RFC 3339 date-time like "
+                                                          "2026-11-26T10:00:00Z")
+      for field in rudderlite.TIMESTAMP_FIELDS
+      for value in ["2026-11-26", "2026-11-26 10:00:00", "2026-13-01T00:00:00Z", "yesterday", 1732615200]],
+    ({"type": "identify", "userId": "u", "messageId": 5}, "messageId: must be a string, not number"),
+    ({"type": "identify", "userId": {"id": 1}}, "userId: must be a string or a number, not object"),
+    ({"type": "identify", "userId": "u", "anonymousId": True}, "anonymousId: must be a string or a number, not boolean"),
+]
+
+
+@pytest.mark.parametrize("event,message", VIOLATIONS)
+def test_violation_is_a_warning_by_default(server, data_dir, event, message):
+    assert post(server.url, "/v1/batch", {"batch": [{"type": "track", **track()}, event]}).status == 200
+    stored = server.received(KEY)
+    assert stored[1]["warnings"] == [f"batch[1].{message}"]
+    assert "warnings" not in stored[0]
+    assert all("warnings" not in event for event in stored_events(data_dir))  # the file holds events only
+
+
+@pytest.mark.parametrize("event,message", VIOLATIONS)
+def test_violation_is_400_under_strict(make_server, event, message):
+    server = make_server(strict=True)
+    reply = post(server.url, "/v1/batch", {"batch": [{"type": "track", **track()}, event]})
+    assert (reply.status, reply.text) == (400, f"batch[1].{message}")
+    assert stored_events(server.config.data_dir) == []
+
+
+def test_single_event_violation_has_no_index_and_type_comes_from_path(make_server):
+    server = make_server(strict=True)
+    reply = post(server.url, "/v1/alias", {"userId": "u", "type": "whatever"})
+    assert (reply.status, reply.text) == (400, 'previousId: alias needs "previousId"')
+    assert post(server.url, "/v1/identify", {"userId": "u", "type": "whatever"}).status == 200
+
+
+@pytest.mark.parametrize("event", [
+    {"type": "page", "userId": "", "anonymousId": "a", "properties": None, "context": {}, "integrations": {"All": True},
+     "originalTimestamp": "2026-11-26T12:02:23.989368+00:00", "sentAt": "2026-11-26T12:02:23.989Z"},
+    {"type": "track", "userId": None, "anonymousId": 7, "event": "e", "timestamp": "2026-11-26t10:00:00.1-05:30"},
+    {"type": "group", "userId": "u", "groupId": 12, "traits": {}},
+    {"type": "alias", "userId": "u", "previousId": "p", "messageId": "node-next-1-x"},
+])
+def test_conforming_events_carry_no_warning(make_server, event):
+    server = make_server(strict=True)
+    assert post(server.url, "/v1/batch", {"batch": [event]}).status == 200
+    assert "warnings" not in server.received(KEY)[0]
+
+
+# -- 6. inspection API ------------------------------------------------------------------------------------------
+
+
+def inspect(server, query="", key=KEY):
+    reply = send(server.url, "GET", "/rudderlite/events" + query, key=key)
+    assert reply.status == 200, reply.text
+    return reply.json()["events"]
+
+
+def test_an_event_is_visible_as_soon_as_its_200_arrives(server):
+    for number in range(20):
+        assert post(server.url, "/v1/track", track(event=f"e{number}")).status == 200
+        assert inspect(server)[-1]["event"] == f"e{number}"
+
+
+def test_filters(server):
+    post(server.url, "/v1/batch", {"batch": [
+        {"type": "track", "userId": "u1", "event": "Order Completed", "messageId": "m1",
+         "properties": {"orderId": 42, "total": 9.5}, "context": {"app": {"name": "web"}}},
+        {"type": "track", "userId": "u2", "event": "Order Completed", "properties": {"orderId": "43"}},
+        {"type": "identify", "anonymousId": "a1", "context": {"app": {"name": "ios"}}},
+        {"type": "page", "userId": "u1", "properties": {"flag": True, "none": None}},
+    ]})
+    def names(query):
+        return [event.get("event") or event["type"] for event in inspect(server, query)]
+    assert names("?type=track") == ["Order Completed", "Order Completed"]
+    assert names("?event=Order%20Completed&userId=u2") == ["Order Completed"]
+    assert names("?userId=u1") == ["Order Completed", "page"]
+    assert names("?anonymousId=a1") == ["identify"]
+    assert names("?messageId=m1") == ["Order Completed"]
+    assert names("?properties.orderId=42") == ["Order Completed"]  # a number compared as text
+    assert names("?properties.orderId=43") == ["Order Completed"]
+    assert names("?context.app.name=web") == ["Order Completed"]
+    assert names("?properties.total=9.5&properties.orderId=42") == ["Order Completed"]
+    assert names("?properties.flag=true") == ["page"] and names("?properties.none=null") == ["page"]
+    assert names("?context.app.name=android") == [] and names("?properties.orderId.deeper=1") == []
+    assert names("?limit=2") == ["identify", "page"]
+    assert names("?type=track&limit=1") == ["Order Completed"]
+
+
+def test_bad_query_is_400(server):
+    for query in ["?limit=x", "?wait=nan", "?wait=-1", "?min=-2", "?limit=-1"]:
+        reply = send(server.url, "GET", "/rudderlite/events" + query)
+        assert (reply.status, reply.text) == (400, "invalid query parameter"), query
+
+
+def test_each_key_sees_only_its_own(server):
+    post(server.url, "/v1/track", track(event="for A"), key="key-a")
+    post(server.url, "/v1/track", track(event="for B"), key="key-b")
+    post(server.url, "/v1/track", {"event": "refused"}, key="key-b")
+    assert [event["event"] for event in inspect(server, key="key-a")] == ["for A"]
+    assert [event["event"] for event in inspect(server, key="key-b")] == ["for B"]
+    assert send(server.url, "GET", "/rudderlite/rejected", key="key-a").json() == {"rejected": []}
+    assert len(send(server.url, "GET", "/rudderlite/rejected", key="key-b").json()["rejected"]) == 1
+    assert send(server.url, "GET", "/rudderlite/stats", key="key-a").json() == \
+        {"accepted": {"track": 1}, "rejected": {}}
+    assert post(server.url, "/rudderlite/reset", b"", key="key-a").status == 200
+    assert inspect(server, key="key-a") == [] and len(inspect(server, key="key-b")) == 1
+
+
+def test_inspection_needs_an_allowed_key(make_server):
+    server = make_server(write_keys=(KEY,))
+    for method, path in [("GET", "/rudderlite/events"), ("GET", "/rudderlite/rejected"),
+                         ("GET", "/rudderlite/stats"), ("POST", "/rudderlite/reset")]:
+        assert send(server.url, method, path, key=None).text == "failed to read writekey from header"
+        assert send(server.url, method, path, key="nope").text == "invalid write key"
+        assert send(server.url, method, path).status == 200
+
+
+def test_long_poll_answers_once_enough_events_match(server):
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(inspect(server, "?event=late&wait=60&min=3")))
+    waiter.start()
+    for number in range(3):
+        post(server.url, "/v1/track", track(event="late" if number != 1 else "other"))
+    post(server.url, "/v1/track", track(event="late"))
+    waiter.join(30)
+    assert not waiter.is_alive(), "the long-poll did not answer when its third event arrived"
+    assert [event["event"] for event in answers[0]] == ["late", "late", "late"]
+
+
+def test_long_poll_answers_what_it_has_when_the_time_is_up(server):
+    post(server.url, "/v1/track", track(event="only one"))
+    assert [event["event"] for event in inspect(server, "?wait=0.3&min=5")] == ["only one"]
+
+
+def test_rejected_records_status_message_path_time_and_body(server):
+    body = json.dumps({"event": "no ids", "pad": "x" * 2000})
+    post(server.url, "/v1/track", body)
+    [rejected] = send(server.url, "GET", "/rudderlite/rejected").json()["rejected"]
+    assert rejected["status"] == 400 and rejected["message"] == "request neither has anonymousId nor userId"
+    assert rejected["path"] == "/v1/track" and RECEIVED_AT.fullmatch(rejected["receivedAt"])
+    assert rejected["body"] == body[:1024]
+
+
+def test_stats_and_reset(server):
+    post(server.url, "/v1/batch", batch_of(track(), track()))
+    post(server.url, "/v1/identify", {"userId": "u"})
+    post(server.url, "/v1/track", b"nope")
+    post(server.url, "/v1/batch", {"batch": []})
+    assert send(server.url, "GET", "/rudderlite/stats").json() == \
+        {"accepted": {"track": 2, "identify": 1}, "rejected": {"400": 2}}
+    post(server.url, "/rudderlite/reset", b"")
+    assert send(server.url, "GET", "/rudderlite/stats").json() == {"accepted": {}, "rejected": {}}
+    assert inspect(server) == [] and send(server.url, "GET", "/rudderlite/rejected").json() == {"rejected": []}
+    assert len(stored_events(server.config.data_dir)) == 3  # the files are untouched
+
+
+def test_history_is_bounded_to_the_newest_events(make_server):
+    server = make_server(history_events=5, history_bytes=10_000)
+    for number in range(12):
+        post(server.url, "/v1/track", track(event=f"e{number}"))
+    assert [event["event"] for event in inspect(server)] == [f"e{n}" for n in range(7, 12)]
+    post(server.url, "/v1/batch", batch_of(*[track(properties={"pad": "x" * 3000})] * 4))
+    assert len(inspect(server)) == 3  # 4 events of 3 KB do not fit in 10,000 bytes
+    assert len(stored_events(server.config.data_dir)) == 16
+
+
+# -- embedding: the pytest fixture of the README -----------------------------------------------------------------
+
+
+@pytest.fixture
+def rudderstack(tmp_path):
+    """The README's fixture, as a user would paste it."""
+    with rudderlite.running(port=0, data_dir=str(tmp_path / "events")) as server:
+        yield server
+
+
+def test_readme_fixture_as_a_user_writes_it(rudderstack):
+    import urllib.request
+    request = urllib.request.Request(rudderstack.url + "/v1/track", method="POST",
+                                     data=json.dumps({"userId": "ada", "event": "Signed Up"}).encode(),
+                                     headers={"Authorization": basic_auth("test-key")})
+    with urllib.request.urlopen(request) as answer:
+        assert answer.read() == b"ok"
+    [event] = rudderstack.received("test-key", event="Signed Up")
+    assert event["userId"] == "ada"
+
+
+def test_stopping_a_server_answers_a_pending_long_poll(tmp_path):
+    answers = []
+    with rudderlite.running(port=0, data_dir=str(tmp_path), quiet=True) as server:
+        waiter = threading.Thread(target=lambda: answers.append(inspect(server, "?wait=60&min=1")))
+        waiter.start()
+        while not len(server.connections):  # no other signal tells that the long-poll has arrived
+            threading.Event().wait(0.01)
+    waiter.join(30)
+    assert answers == [[]]
