@@ -1215,3 +1215,176 @@ def test_stopping_a_server_answers_a_pending_long_poll(tmp_path):
             threading.Event().wait(0.01)
     waiter.join(30)
     assert answers == [[]]
+
+
+# -- real SDKs: the bytes and headers each one sends (SDK_NOTES.md), stdlib only --------------------------------
+
+SDK_TIME = "2026-11-26T12:02:23.989Z"
+
+
+@pytest.fixture
+def strict_server(make_server):
+    """Strict, so that any contract warning a real SDK's event would carry fails the test."""
+    return make_server(strict=True)
+
+
+def assert_stored_as_sent(server, sent_events):
+    stored = server.received(KEY)
+    assert len(stored) == len(sent_events)
+    for sent, kept in zip(sent_events, stored):
+        assert "warnings" not in kept
+        assert {key: kept[key] for key in sent if key != "type"} == {k: v for k, v in sent.items() if k != "type"}
+    return stored
+
+
+def test_sdk_rudder_sdk_python(strict_server):
+    """rudder-sdk-python 2.1.9: /v1/batch only, gzip, explicit null ids, context.traits on identify."""
+    library = {"name": "analytics-python", "version": "2.1.9"}
+    events = [
+        {"integrations": {}, "anonymousId": None, "timestamp": "2026-11-26T12:02:23.989368+00:00",
+         "context": {"library": library, "traits": {"email": "ada@example.com"}}, "type": "identify",
+         "userId": "ada", "messageId": str(uuid.uuid4()), "channel": "server"},
+        {"integrations": {}, "anonymousId": None, "timestamp": "2026-11-26T12:02:24.001204+00:00",
+         "context": {"library": library}, "type": "track", "userId": "ada", "event": "Signed Up",
+         "properties": {"plan": "pro", "seats": 3}, "messageId": str(uuid.uuid4()), "channel": "server"},
+    ]
+    body = gzip.compress(json.dumps({"batch": events, "sentAt": "2026-11-26T12:02:24.5+00:00"}).encode())
+    reply = post(strict_server.url, "/v1/batch", body, headers={
+        "Content-Type": "application/json", "User-Agent": "analytics-python/2.1.9", "Content-Encoding": "gzip"})
+    assert (reply.status, reply.text) == (200, "ok")  # this SDK counts only status 200 as success
+    assert_stored_as_sent(strict_server, events)
+
+
+def test_sdk_segment_analytics_python(strict_server):
+    """segment-analytics-python 2.4.0: /v1/batch, no gzip, writeKey in the body, root traits on identify."""
+    library = {"name": "analytics-python", "version": "2.4.0"}
+    events = [
+        {"integrations": {}, "anonymousId": None, "timestamp": "2026-11-26T12:02:26.341+00:00",
+         "context": {"library": library}, "type": "identify", "userId": "ada", "traits": {"name": "Ada"},
+         "messageId": str(uuid.uuid4())},
+        {"integrations": {}, "anonymousId": "anon-1", "timestamp": "2026-11-26T12:02:26.342+00:00",
+         "context": {"library": library}, "type": "group", "userId": None, "groupId": "g-1", "traits": {}},
+    ]
+    body = json.dumps({"batch": events, "sentAt": "2026-11-26T12:02:26.400+00:00", "writeKey": KEY})
+    reply = post(strict_server.url, "/v1/batch", body, headers={
+        "Content-Type": "application/json", "User-Agent": "analytics-python/2.4.0", "X-Retry-Count": "0"})
+    assert reply.status == 200
+    assert_stored_as_sent(strict_server, events)
+
+
+def test_sdk_rudder_sdk_node(strict_server):
+    """@rudderstack/rudder-sdk-node 3.0.13: gzip labelled as a form, timestamp and sentAt at the top level."""
+    meta = {"nodeVersion": "20.20.2"}
+    library = {"name": "analytics-node", "version": "3.0.13"}
+    events = [
+        {"traits": {"name": "Ada"}, "userId": "ada", "type": "identify",
+         "context": {"library": library, "traits": {"name": "Ada"}}, "_metadata": meta,
+         "originalTimestamp": SDK_TIME, "sentAt": SDK_TIME, "messageId": str(uuid.uuid4()), "channel": "server"},
+        {"event": "Signed Up", "properties": {"plan": "pro"}, "anonymousId": "anon-1", "type": "track",
+         "context": {"library": library}, "_metadata": meta, "originalTimestamp": SDK_TIME, "sentAt": SDK_TIME,
+         "messageId": str(uuid.uuid4()), "channel": "server"},
+        {"previousId": "anon-1", "userId": "ada", "type": "alias", "context": {"library": library},
+         "_metadata": meta, "originalTimestamp": SDK_TIME, "sentAt": SDK_TIME, "messageId": str(uuid.uuid4()),
+         "channel": "server"},
+    ]
+    body = json.dumps({"batch": events, "timestamp": SDK_TIME, "sentAt": SDK_TIME}, separators=(",", ":"))
+    reply = post(strict_server.url, "/v1/batch", gzip.compress(body.encode()), headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "gzip",
+        "user-agent": "analytics-node/3.0.13", "Accept": "application/json, text/plain, */*"})
+    assert reply.status == 200
+    assert_stored_as_sent(strict_server, events)
+
+
+def test_sdk_segment_analytics_node(strict_server):
+    """@segment/analytics-node 3.1.0: messageIds that are not UUIDs, kept exactly as sent."""
+    events = [{"type": "track", "event": "Signed Up", "userId": "ada", "properties": {"plan": "pro"},
+               "context": {"library": {"name": "@segment/analytics-node", "version": "3.1.0"}},
+               "integrations": {}, "_metadata": {"nodeVersion": "20.20.2", "jsRuntime": "node"},
+               "timestamp": SDK_TIME, "messageId": f"node-next-1732615343989-{uuid.uuid4()}"}]
+    body = json.dumps({"batch": events, "writeKey": KEY, "sentAt": SDK_TIME}, separators=(",", ":"))
+    reply = post(strict_server.url, "/v1/batch", body, headers={
+        "Content-Type": "application/json", "User-Agent": "analytics-node-next/latest"})
+    assert reply.status == 200
+    [stored] = assert_stored_as_sent(strict_server, events)
+    assert stored["messageId"].startswith("node-next-")
+
+
+def browser_event(event_type, anonymous_id="c1b7e4a8-0f5e-4c57-9a51-0d2cf5f2b3a1", **fields):
+    """What @rudderstack/analytics-js v3 builds before identify: userId "" beside the anonymousId."""
+    return {"channel": "web", "context": {"app": {"name": "RudderLabs JavaScript SDK", "namespace": "com.rudderlabs.javascript",
+                                                  "version": "3.34.1", "installType": "npm"},
+                                          "library": {"name": "RudderLabs JavaScript SDK", "version": "3.34.1"},
+                                          "userAgent": "Mozilla/5.0", "locale": "en-US", "traits": {}},
+            "type": event_type, "messageId": str(uuid.uuid4()), "originalTimestamp": SDK_TIME,
+            "integrations": {"All": True}, "userId": "", "anonymousId": anonymous_id, "properties": {},
+            "sentAt": SDK_TIME, **fields}
+
+
+def browser_headers(event):
+    return {"Origin": "http://127.0.0.1:5173", "Content-Type": "application/json;charset=UTF-8",
+            "Accept": "application/json", "SentAt": SDK_TIME,
+            "AnonymousId": base64.b64encode(event["anonymousId"].encode()).decode()}
+
+
+def test_sdk_analytics_js_loads_its_config_then_sends_each_event(strict_server):
+    """@rudderstack/analytics-js 3.34.1, default XHR queue: config, preflights, then POST /v1/<type>."""
+    server, origin = strict_server, "http://127.0.0.1:5173"
+    config_path = f"/sourceConfig/?p=npm&v=3.34.1&build=modern&writeKey={KEY}&lockIntegrationsVersion=true" \
+                  "&lockPluginsVersion=true"
+    preflight = send(server.url, "OPTIONS", config_path, key=None, headers={
+        "Origin": origin, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status == 204 and preflight.headers["Access-Control-Allow-Headers"] == "authorization"
+    config = send(server.url, "GET", config_path, headers={"Origin": origin, "Accept": "application/json"})
+    assert config.status == 200 and config.headers["Access-Control-Allow-Origin"] == origin
+    source = config.json()["source"]
+    assert source["id"] and source["config"] == {} and source["enabled"] is True
+    assert not source.get("destinations") and "statsCollection" not in json.dumps(config.json())
+    events = [browser_event("page", properties={"path": "/", "url": "http://127.0.0.1:5173/", "title": "Shop",
+                                                "referrer": "$direct", "search": "", "tab_url": "http://127.0.0.1:5173/"},
+                            name="Home"),
+              browser_event("track", event="Added to Cart"),
+              browser_event("identify", userId="ada", context={"traits": {"email": "ada@example.com"}}),
+              browser_event("group", userId="ada", groupId="g-1", traits={}),
+              browser_event("alias", userId="ada", previousId="c1b7e4a8-0f5e-4c57-9a51-0d2cf5f2b3a1")]
+    for event in events:
+        path = f"/v1/{event['type']}"
+        preflight = send(server.url, "OPTIONS", path, key=None, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "anonymousid,authorization,content-type,sentat"})
+        assert preflight.headers["Access-Control-Allow-Headers"] == "anonymousid,authorization,content-type,sentat"
+        reply = post(server.url, path, json.dumps(event), headers=browser_headers(event))
+        assert reply.status == 200, reply.text
+        assert reply.headers["Access-Control-Allow-Origin"] == origin
+    assert_stored_as_sent(server, events)
+
+
+def test_sdk_analytics_js_batch_mode(strict_server):
+    events = [browser_event("track", event=f"Step {n}") for n in range(3)]
+    reply = post(strict_server.url, "/v1/batch", json.dumps({"batch": events, "sentAt": SDK_TIME}),
+                 headers=browser_headers(events[0]))
+    assert reply.status == 200 and reply.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:5173"
+    assert_stored_as_sent(strict_server, events)
+
+
+def test_sdk_analytics_js_beacon_mode(strict_server):
+    """sendBeacon: text/plain, the key in the query only, cookies, no preflight."""
+    events = [browser_event("track", event="Left Page"), browser_event("page", name="Bye")]
+    reply = post(strict_server.url, f"/beacon/v1/batch?writeKey={KEY}", json.dumps({"batch": events, "sentAt": SDK_TIME}),
+                 key=None, headers={"Content-Type": "text/plain;charset=UTF-8", "Origin": "http://127.0.0.1:5173",
+                                    "Sec-Fetch-Mode": "no-cors", "Cookie": "rl_anonymous_id=RS_ENC_v3_abc; rl_session=x"})
+    assert reply.status == 200
+    assert_stored_as_sent(strict_server, events)
+
+
+def test_sdk_node_oversized_event_is_413_and_rejected_names_it(make_server):
+    """rudder-sdk-node sends an event over 32 KB anyway; the whole batch is refused, and rejected says why."""
+    server = make_server()
+    events = [{"type": "track", "event": "small", "anonymousId": "a"},
+              {"type": "track", "event": "huge", "anonymousId": "a", "properties": {"blob": "x" * 40_000}}]
+    body = gzip.compress(json.dumps({"batch": events, "sentAt": SDK_TIME}).encode())
+    reply = post(server.url, "/v1/batch", body, headers={"Content-Encoding": "gzip",
+                                                         "Content-Type": "application/x-www-form-urlencoded"})
+    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
+    [rejected] = send(server.url, "GET", "/rudderlite/rejected").json()["rejected"]
+    assert re.fullmatch(r"batch\[1\] is \d+ bytes as compact JSON, over --max-event-bytes 32768", rejected["detail"])
+    assert rejected["body"].startswith('{"batch"')
