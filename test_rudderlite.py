@@ -13,6 +13,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -1388,3 +1389,43 @@ def test_sdk_node_oversized_event_is_413_and_rejected_names_it(make_server):
     [rejected] = send(server.url, "GET", "/rudderlite/rejected").json()["rejected"]
     assert re.fullmatch(r"batch\[1\] is \d+ bytes as compact JSON, over --max-event-bytes 32768", rejected["detail"])
     assert rejected["body"].startswith('{"batch"')
+
+
+# -- the README's recipes, run as written ---------------------------------------------------------------------
+
+
+def readme_recipe(name):
+    """The fenced block that follows ``<!-- recipe: NAME -->`` in README.md."""
+    with open(os.path.join(HERE, "README.md")) as file:
+        readme = file.read()
+    block = readme.split(f"<!-- recipe: {name} -->\n", 1)[1].split("```", 2)[1]
+    return block.split("\n", 1)[1]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_readme_github_actions_step_runs_as_written(tmp_path):
+    step = readme_recipe("github-actions")
+    script = step.split("run: |\n", 1)[1]
+    script = "\n".join(line[4:] for line in script.splitlines())
+    with open(os.path.join(HERE, "rudderlite.py"), "rb") as source:
+        (tmp_path / "rudderlite.py").write_bytes(source.read())
+    environment = {**os.environ, "PORT": str(free_port()), "RUNNER_TEMP": str(tmp_path)}
+    result = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=environment, capture_output=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    assert [event["event"] for event in stored_events(str(tmp_path / "rudderlite"))] == ["Order Completed"]
+
+
+def test_readme_jq_one_liner(server, data_dir):
+    if not shutil.which("jq"):
+        pytest.skip("jq is not installed")
+    post(server.url, "/v1/batch", {"batch": [{"type": "track", "userId": "ada", "event": "Upgraded",
+                                              "properties": {"plan": "pro"}}, {"type": "identify", "userId": "ada"}]})
+    command = readme_recipe("jq").strip().replace("rudderlite-data/", data_dir + "/")
+    output = subprocess.run(["bash", "-c", command], capture_output=True, check=True, timeout=30).stdout
+    assert [json.loads(line) for line in output.splitlines()] == [{"event": "Upgraded", "userId": "ada", "plan": "pro"}]
