@@ -1395,6 +1395,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT arrived."""
+
+
+def raise_stop_requested(signal_number, frame):
+    """Signal handler: raise in the main thread, which only sleeps. (Setting a threading.Event here instead can
+    deadlock: the handler may run while the main thread holds that Event's lock.)"""
+    raise StopRequested()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run until SIGTERM or SIGINT, then finish the requests in flight and exit 0."""
     config = parse_config(argv)
@@ -1406,12 +1419,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"rudderlite: cannot start with --data-dir {config.data_dir} on {config.host}:{config.port}: {error}",
               file=sys.stderr)
         return 2
-    stop_requested = threading.Event()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signal_number, lambda *_: stop_requested.set())
     server.start()
-    print(f"rudderlite listening on {server.url}", flush=True)
-    stop_requested.wait()
+    try:
+        for signal_number in STOP_SIGNALS:  # in place before the listening line tells anyone to send signals
+            signal.signal(signal_number, raise_stop_requested)
+        print(f"rudderlite listening on {server.url}", flush=True)
+        while True:
+            time.sleep(3600)
+    except StopRequested:
+        for signal_number in STOP_SIGNALS:  # a second signal must not interrupt the orderly stop
+            signal.signal(signal_number, signal.SIG_IGN)
     server.stop()
     return 0
 
