@@ -38,11 +38,11 @@ import contextlib
 import dataclasses
 import datetime
 import email.utils
+import functools
 import hashlib
 import hmac
 import http
 import http.server
-import io
 import json
 import logging
 import os
@@ -92,6 +92,7 @@ NO_IDENTITY = Answer(400, "request neither has anonymousId nor userId")
 STORE_FAILED = Answer(500, "failed to store events")
 # Answers the contract does not list; the messages are those of rudder-server or of Go's net/http under it.
 BODY_UNREADABLE = Answer(400, "failed to read body from request")
+BAD_REQUEST = Answer(400, "400 bad request")
 BAD_QUERY = Answer(400, "invalid query parameter")
 HEADERS_TOO_LARGE = Answer(431, "request header fields too large")
 UNSUPPORTED_TRANSFER_ENCODING = Answer(501, "unsupported transfer encoding")
@@ -253,10 +254,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def parse_json(body: bytes):
     """The JSON value of a body, or ``invalid json``: UTF-8 only, no NaN or Infinity, no nesting too deep."""
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+        return _JSON_DECODER.decode(body.decode("utf-8"))
     except (ValueError, RecursionError):  # ValueError covers UnicodeDecodeError and JSONDecodeError
         raise Rejection(INVALID_JSON) from None
 
@@ -350,8 +354,12 @@ def check_event(event, type_from_path: Optional[str], label: str, strict: bool) 
 
 def rudder_id(event: dict) -> str:
     """rudder-server's rudderId: the MD5 of ``userId:anonymousId`` read as a UUID with version 4 bits."""
-    key = f"{id_text(event.get('userId'))}:{id_text(event.get('anonymousId'))}"
-    digest = hashlib.md5(key.encode("utf-8"), usedforsecurity=False).digest()
+    return uuid_of_ids(f"{id_text(event.get('userId'))}:{id_text(event.get('anonymousId'))}")
+
+
+@functools.lru_cache(maxsize=8192)  # the same users send again and again; a cached id costs a tenth
+def uuid_of_ids(ids: str) -> str:
+    digest = hashlib.md5(ids.encode("utf-8"), usedforsecurity=False).digest()
     return str(uuid.UUID(bytes=digest, version=4))  # version=4 also sets the RFC 4122 variant bits
 
 
@@ -739,6 +747,9 @@ LINGER_SECONDS = 1.0
 MAX_CHUNK_LINE = 1024
 MAX_TRAILER_LINES = 64
 HEX_DIGITS = re.compile(rb"[0-9a-fA-F]{1,16}")
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 §5.6.2
+REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") (\S+) (HTTP/1\.[01])\r?\n")
+HEADER_LINE = re.compile(rb"(" + TOKEN + rb"):[ \t]*(.*?)[ \t]*\r?\n")
 WRITE_KEY_IN_QUERY = re.compile(r"(?i)(writekey=)[^&]*")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -779,6 +790,27 @@ def read_request_head(rfile, limit: int) -> Tuple[bytes, bytes]:
             raise ClientGone()
         if line in (b"\r\n", b"\n"):
             return request_line, bytes(headers)
+
+
+def parse_head(request_line: bytes, header_block: bytes) -> Tuple[str, str, str, Dict[str, str]]:
+    """Method, target, version and header fields of a request head (RFC 9112 §3 and §5).
+
+    Field names are lower-cased; a field sent twice is joined with ", " (RFC 9110 §5.3), so two differing
+    Content-Length lines show as one value that is not a number. Folded lines (obs-fold) are refused, as
+    RFC 9112 §5.2 allows.
+    """
+    request = REQUEST_LINE.fullmatch(request_line)
+    if not request:
+        raise Rejection(BAD_REQUEST)
+    method, target, version = (part.decode("latin-1") for part in request.groups())
+    headers: Dict[str, str] = {}
+    for line in header_block.splitlines(keepends=True)[:-1]:  # the last line is the empty one
+        field = HEADER_LINE.fullmatch(line)
+        if not field:
+            raise Rejection(BAD_REQUEST)
+        name, value = field.group(1).decode("latin-1").lower(), field.group(2).decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return method, target, version, headers
 
 
 def read_chunked(rfile, limit: int) -> bytes:
@@ -861,18 +893,16 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             connections.watch(self.connection, config.head_timeout, busy=True)
-            self.body_pending = False
-            self.write_key = None
-            self.body_preview = b""
-            self.origin = None
+            self.start_request()
             try:
                 request_line, header_block = read_request_head(self.rfile, config.max_head_bytes)
+                self.command, self.path, self.request_version, self.headers = parse_head(request_line, header_block)
             except Rejection as rejection:
-                self.command, self.path = "", ""
                 self.close_connection = True
-                return self.respond(rejection.answer.status, rejection.answer.message.encode())
-            if not self.parse_head(request_line, header_block):
-                return
+                return self.refuse(rejection)
+            connection_options = {option.strip() for option in self.headers.get("connection", "").lower().split(",")}
+            self.close_connection = "close" in connection_options or (
+                self.request_version == "HTTP/1.0" and "keep-alive" not in connection_options)
             connections.watch(self.connection, config.body_timeout, busy=True)
             self.dispatch()
             self.settle_body()
@@ -880,39 +910,25 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             # the client left, went quiet past its deadline, or the watchdog shut the socket: nobody to answer
             self.close_connection = True
 
-    def parse_head(self, request_line: bytes, header_block: bytes) -> bool:
-        """Let http.server parse the head read above (it answers malformed ones through send_error)."""
-        self.raw_requestline = request_line
-        self.path = ""
-        connection_rfile, self.rfile = self.rfile, io.BytesIO(header_block)
-        try:
-            return self.parse_request()
-        finally:
-            self.rfile = connection_rfile
-
-    def handle_expect_100(self) -> bool:
-        """Hold ``100 Continue`` until the request passed every check made before its body (RFC 9110 §10.1.1)."""
-        return True
-
-    def send_error(self, code, message=None, explain=None) -> None:
-        """http.server's own refusals (bad request line, too many headers) as plain text like every other."""
-        self.close_connection = True
-        self.origin = None
-        self.respond(code, (message or http.HTTPStatus(code).phrase).encode("utf-8"))
+    def start_request(self) -> None:
+        """Forget the previous request of this connection."""
+        self.command, self.path, self.request_version, self.headers = "", "", "HTTP/1.1", {}
+        self.url = urllib.parse.SplitResult("", "", "", "", "")
+        self.origin = self.write_key = self.declared_length = None
+        self.body_pending = self.continue_sent = False
+        self.body_limit = 0
+        self.body_preview = b""
 
     # -- dispatch and answers -----------------------------------------------------------------------------
 
     def dispatch(self) -> None:
         """Route the request and answer it; every Rejection becomes its answer here and nowhere else."""
-        self.origin = self.headers.get("Origin")
-        self.continue_sent = False
-        self.body_limit = 0
-        try:
+        self.origin = self.headers.get("origin")
+        with contextlib.suppress(ValueError):  # such as an unclosed "[" in an absolute-form target: no route
             self.url = urllib.parse.urlsplit(self.path)  # origin-form, or absolute-form (RFC 9112 §3.2.2)
-        except ValueError:  # such as an unclosed "[" in an absolute-form target: no route matches
-            self.url = urllib.parse.SplitResult("", "", "", "", "")
         try:
-            self.body_pending = self.headers.get("Transfer-Encoding") is not None or self.content_length() > 0
+            self.declared_length = self.content_length()
+            self.body_pending = "transfer-encoding" in self.headers or self.declared_length > 0
             if self.command == "OPTIONS":
                 return self.answer_preflight()
             getattr(self, self.route())()
@@ -980,10 +996,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def answer_preflight(self) -> None:
         """A CORS preflight: 204 before any auth (preflights carry no credentials), allowing what was asked."""
         headers = ["Access-Control-Allow-Methods: GET, HEAD, POST, OPTIONS", "Access-Control-Max-Age: 900"]
-        requested = self.headers.get("Access-Control-Request-Headers")
+        requested = self.headers.get("access-control-request-headers")
         if requested:
             headers.append(f"Access-Control-Allow-Headers: {header_safe(requested)}")
-        if self.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+        if self.headers.get("access-control-request-private-network", "").lower() == "true":
             headers.append("Access-Control-Allow-Private-Network: true")  # a public page reaching loopback
         self.respond(204, headers=tuple(headers))
 
@@ -991,38 +1007,36 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def content_length(self) -> int:
         """The declared body length; malformed or conflicting values are refused (RFC 9112 §6.3)."""
-        values = self.headers.get_all("Content-Length") or []
-        lengths = {value.strip() for value in ",".join(values).split(",")} if values else set()
-        if not lengths:
+        if "content-length" not in self.headers:
             return 0
+        lengths = {value.strip() for value in self.headers["content-length"].split(",")}
         if len(lengths) > 1 or not next(iter(lengths)).isdigit():
             self.close_connection = True
             raise Rejection(BODY_UNREADABLE)
         return int(next(iter(lengths)))
 
     def expects_continue(self) -> bool:
-        return self.request_version >= "HTTP/1.1" and self.headers.get("Expect", "").lower() == "100-continue"
+        return self.request_version == "HTTP/1.1" and self.headers.get("expect", "").lower() == "100-continue"
 
     def read_body(self, limit: int) -> bytes:
         """The body, gzip undone, refused while it is read once it passes ``limit`` (413 before any parsing)."""
-        gzipped = self.headers.get("Content-Encoding", "").strip().lower() in ("gzip", "x-gzip")
+        gzipped = self.headers.get("content-encoding", "").lower() in ("gzip", "x-gzip")
         wire_limit = compressed_limit(limit) if gzipped else limit
         self.body_limit = wire_limit
-        transfer_encoding = self.headers.get("Transfer-Encoding")
+        transfer_encoding = self.headers.get("transfer-encoding")
         if transfer_encoding is not None:
             if transfer_encoding.strip().lower() != "chunked":
                 self.close_connection = True
                 raise Rejection(UNSUPPORTED_TRANSFER_ENCODING)
-            if self.headers.get("Content-Length") is not None:  # RFC 9112 §6.1: a smuggling attempt, or a bug
+            if "content-length" in self.headers:  # RFC 9112 §6.1: a smuggling attempt, or a bug
                 self.close_connection = True
             self.send_continue()
             raw = read_chunked(self.rfile, wire_limit)
         else:
-            length = self.content_length()
-            if length > wire_limit:
+            if self.declared_length > wire_limit:
                 raise Rejection(REQUEST_TOO_LARGE)
             self.send_continue()
-            raw = read_exactly(self.rfile, length)
+            raw = read_exactly(self.rfile, self.declared_length)
         self.body_pending = False
         self.body_preview = raw[:REJECTED_BODY_PREVIEW]
         if not gzipped:
@@ -1039,14 +1053,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def can_drain_body(self) -> bool:
         """Whether a body left unread can be read and dropped to keep the connection: a declared length at
         most a little past the limit, and a client not waiting for ``100 Continue`` to send it."""
-        if self.headers.get("Transfer-Encoding") is not None:
+        if "transfer-encoding" in self.headers or self.declared_length is None:
             return False
         if self.expects_continue() and not self.continue_sent:
             return False
-        try:
-            return self.content_length() <= self.body_limit + DRAIN_ALLOWANCE
-        except Rejection:
-            return False
+        return self.declared_length <= self.body_limit + DRAIN_ALLOWANCE
 
     def settle_body(self) -> None:
         """After the answer: drop a body left unread, or close the connection and linger (see finish)."""
@@ -1055,7 +1066,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             self.linger = True
         else:
-            discard(self.rfile, self.content_length())
+            discard(self.rfile, self.declared_length)
         self.body_pending = False
 
     def finish(self) -> None:
@@ -1079,7 +1090,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def authenticate(self) -> str:
         """The write key from Basic auth, refused unless it is allowed (CONTRACT section 3's two 401s)."""
-        return self.allowed(write_key_from_authorization(self.headers.get("Authorization")))
+        return self.allowed(write_key_from_authorization(self.headers.get("authorization")))
 
     def allowed(self, write_key: str) -> str:
         if not write_key_allowed(write_key, self.server.config.write_keys):
@@ -1103,13 +1114,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def accept_events(self, write_key: str, type_from_path: Optional[str]) -> None:
         config = self.server.config
         body = self.read_body(config.max_event_bytes if type_from_path else config.max_batch_bytes)
-        received_at = utc_timestamp(datetime.datetime.now(datetime.timezone.utc))
-        stored = process_body(body, type_from_path, config, received_at, self.request_ip())
-        try:
-            self.server.store.append(b"".join(event.line for event in stored))
-        except OSError as error:
-            logger.error("could not store %d events: %s", len(stored), error)
-            raise Rejection(STORE_FAILED) from None
+        with self.server.parsing.reserve(len(body)):
+            received_at = utc_timestamp(datetime.datetime.now(datetime.timezone.utc))
+            stored = process_body(body, type_from_path, config, received_at, self.request_ip())
+            try:
+                self.server.store.append(b"".join(event.line for event in stored))
+            except OSError as error:
+                logger.error("could not store %d events: %s", len(stored), error)
+                raise Rejection(STORE_FAILED) from None
         self.server.history.record_accepted(write_key, stored)
         for event in stored:
             if event.warnings:
@@ -1118,7 +1130,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def request_ip(self) -> str:
         """The client's address as the gateway records it: the first X-Forwarded-For entry, else the peer."""
-        forwarded = self.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+        forwarded = self.headers.get("x-forwarded-for", "").split(",")[0].strip()
         return forwarded or self.client_address[0]
 
     # -- the other endpoints ------------------------------------------------------------------------------
@@ -1131,7 +1143,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def answer_source_config(self) -> None:
         """The JavaScript SDK sends its key both in Basic auth and in the ``writeKey`` query parameter."""
-        if self.headers.get("Authorization"):
+        if self.headers.get("authorization"):
             write_key = self.authenticate()
         else:
             write_key = urllib.parse.parse_qs(self.url.query).get("writeKey", [""])[-1]
@@ -1204,9 +1216,9 @@ class Connections:
         """Give the connection ``seconds`` for what it does next; an idle one is closed at once when stopping."""
         with self._changed:
             self._open[sock] = (time.monotonic() + seconds, busy)
-            self._changed.notify_all()
             if self.closing and not busy:
                 self._shut(sock)
+                self._changed.notify_all()  # one fewer busy connection for wait_until_idle
 
     def forget(self, sock: socket.socket) -> None:
         with self._changed:
@@ -1241,6 +1253,34 @@ class Connections:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+class ParsingBudget:
+    """How many body bytes are parsed into events at once.
+
+    A body becomes about ten times its size in Python objects while it is checked, so eight clients sending
+    4 MiB batches at once would take hundreds of MiB. Bodies wait here, already read, until the bytes in
+    progress leave room; one body is always let through, however large. With the GIL, parsing two bodies at
+    once is no faster than one after the other, so nothing is lost.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._in_progress = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, size: int):
+        with self._changed:
+            while self._in_progress and self._in_progress + size > self.limit:
+                self._changed.wait()
+            self._in_progress += size
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._in_progress -= size
+                self._changed.notify_all()
+
+
 class RudderliteServer(http.server.ThreadingHTTPServer):
     """The HTTP server with its store, its history and its connections; one thread per connection."""
 
@@ -1252,6 +1292,7 @@ class RudderliteServer(http.server.ThreadingHTTPServer):
         self.store = EventStore(config.data_dir, config.rotate_bytes, config.fsync)
         self.history = History(config.history_events, config.history_bytes)
         self.connections = Connections(config.max_connections)
+        self.parsing = ParsingBudget(config.max_batch_bytes)
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self._stopped = threading.Event()
         self._serving: Optional[threading.Thread] = None
