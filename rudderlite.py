@@ -337,33 +337,25 @@ def contract_violations(event: dict, event_type) -> List[str]:
     return violations
 
 
-def check_event(event, type_from_path: Optional[str], label: str, strict: bool) -> Tuple[str, ...]:
-    """Refuse an event the gateway refuses; return its contract warnings (or refuse them, when strict).
-
-    ``label`` prefixes every message with where the event stands, ``batch[3].`` in a batch.
-    """
+def identities(event) -> Tuple[str, str]:
+    """The event's userId and anonymousId as id texts; refuses what the gateway refuses before anything else."""
     if not isinstance(event, dict):
         raise Rejection(NOT_AN_EVENT)
-    if not id_text(event.get("userId")) and not id_text(event.get("anonymousId")):
+    user_id, anonymous_id = id_text(event.get("userId")), id_text(event.get("anonymousId"))
+    if not user_id and not anonymous_id:
         raise Rejection(NO_IDENTITY)
-    violations = tuple(label + text for text in contract_violations(event, type_from_path or event.get("type")))
-    if strict and violations:
-        raise Rejection(Answer(400, violations[0]))
-    return violations
-
-
-def rudder_id(event: dict) -> str:
-    """rudder-server's rudderId: the MD5 of ``userId:anonymousId`` read as a UUID with version 4 bits."""
-    return uuid_of_ids(f"{id_text(event.get('userId'))}:{id_text(event.get('anonymousId'))}")
+    return user_id, anonymous_id
 
 
 @functools.lru_cache(maxsize=8192)  # the same users send again and again; a cached id costs a tenth
-def uuid_of_ids(ids: str) -> str:
-    digest = hashlib.md5(ids.encode("utf-8"), usedforsecurity=False).digest()
+def rudder_id(user_id: str, anonymous_id: str) -> str:
+    """rudder-server's rudderId: the MD5 of ``userId:anonymousId`` read as a UUID with version 4 bits."""
+    digest = hashlib.md5(f"{user_id}:{anonymous_id}".encode("utf-8"), usedforsecurity=False).digest()
     return str(uuid.UUID(bytes=digest, version=4))  # version=4 also sets the RFC 4122 variant bits
 
 
-def enrichment(event: dict, received_at: str, request_ip: str, type_from_path: Optional[str]) -> dict:
+def enrichment(event: dict, received_at: str, request_ip: str, type_from_path: Optional[str],
+               event_rudder_id: str) -> dict:
     """The fields the gateway sets on an event (CONTRACT section 4), only those whose value changes."""
     fields = {}
     message_id = event.get("messageId")
@@ -375,7 +367,7 @@ def enrichment(event: dict, received_at: str, request_ip: str, type_from_path: O
         fields["receivedAt"] = received_at
     if event.get("request_ip") is None:
         fields["request_ip"] = request_ip
-    fields["rudderId"] = rudder_id(event)
+    fields["rudderId"] = event_rudder_id
     if type_from_path and event.get("type") != type_from_path:
         fields["type"] = type_from_path
     return fields
@@ -387,7 +379,7 @@ def stored_line(event: dict, encoded: Optional[bytes], fields: dict) -> bytes:
     A batch event was already encoded to measure it; when the fields are all new keys, they are appended to
     that encoding instead of encoding the whole event a second time.
     """
-    if encoded is None or any(key in event for key in fields):
+    if encoded is None or not event.keys().isdisjoint(fields):
         event.update(fields)
         return encode_json(event) + b"\n"
     added = encode_json(fields)
@@ -422,10 +414,14 @@ def process_body(
                 raise Rejection(REQUEST_TOO_LARGE, detail)
     stored = []
     for index, (event, encoded) in enumerate(zip(events, encodings)):
-        label = "" if type_from_path else f"batch[{index}]."
-        warnings = check_event(event, type_from_path, label, config.strict)
+        user_id, anonymous_id = identities(event)
         event_type = type_from_path or event.get("type")
-        fields = enrichment(event, received_at, request_ip, type_from_path)
+        warnings = tuple(contract_violations(event, event_type))
+        if warnings and not type_from_path:
+            warnings = tuple(f"batch[{index}].{warning}" for warning in warnings)
+        if warnings and config.strict:
+            raise Rejection(Answer(400, warnings[0]))
+        fields = enrichment(event, received_at, request_ip, type_from_path, rudder_id(user_id, anonymous_id))
         stored.append(StoredEvent(stored_line(event, encoded, fields), event_type, warnings))
     return stored
 

@@ -92,7 +92,10 @@ def serve_ceiling() -> None:
 class Server:
     """A server process, ready once it printed its listening line."""
 
+    started = []
+
     def __init__(self, command):
+        Server.started.append(self)
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         line = self.process.stdout.readline().decode()
         self.url = line.split()[-1]
@@ -112,54 +115,49 @@ class Server:
             return int(re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1))
 
     def stop(self):
-        self.process.terminate()
-        self.process.wait(30)
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
 
 
 # -- load --------------------------------------------------------------------------------------------------------
 
 
-def load(url, path, body, connections, seconds, headers=None, total_requests=0) -> float:
+def load(url, path, body, connections, seconds, headers=None) -> float:
     """Requests/s of POST path with body over keep-alive connections; wrk when installed."""
     headers = {"Authorization": AUTHORIZATION, "Content-Type": "application/json", **(headers or {})}
     if shutil.which("wrk"):
-        return load_with_wrk(url, path, body, connections, seconds, headers, total_requests)
-    return load_with_python(url, path, body, connections, seconds, headers, total_requests)
+        return load_with_wrk(url, path, body, connections, seconds, headers)
+    return load_with_python(url, path, body, connections, seconds, headers)
 
 
-def load_with_wrk(url, path, body, connections, seconds, headers, total_requests) -> float:
+def load_with_wrk(url, path, body, connections, seconds, headers) -> float:
     with tempfile.TemporaryDirectory() as directory:
         body_file = os.path.join(directory, "body")
         with open(body_file, "wb") as file:
             file.write(body)
         threads = min(connections, 2)
-        script = [f'wrk.method = "POST"', f'local f = io.open("{body_file}", "rb")', "wrk.body = f:read('*a')",
+        script = ['wrk.method = "POST"', f'local f = io.open("{body_file}", "rb")', "wrk.body = f:read('*a')",
                   "f:close()"] + [f'wrk.headers["{name}"] = "{value}"' for name, value in headers.items()]
-        if total_requests:
-            script += [f"local limit = {total_requests // threads}", "local count = 0",
-                       "response = function() count = count + 1",
-                       "  if count >= limit then wrk.thread:stop() end end"]
         script_file = os.path.join(directory, "script.lua")
         with open(script_file, "w") as file:
             file.write("\n".join(script) + "\n")
-        duration = seconds if not total_requests else 600
-        output = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s",
+        output = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
                                  "-s", script_file, url + path], capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in output:
         raise SystemExit(f"non-200 answers under load:\n{output}")
     return float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
 
 
-def load_with_python(url, path, body, connections, seconds, headers, total_requests) -> float:
+def load_with_python(url, path, body, connections, seconds, headers) -> float:
     host, port = url[len("http://"):].rsplit(":", 1)
     deadline = time.monotonic() + seconds
     counts = []
-    share = total_requests // connections if total_requests else 0
 
     def client():
         connection = http.client.HTTPConnection(host, int(port))
         count = 0
-        while (share and count < share) or (not share and time.monotonic() < deadline):
+        while time.monotonic() < deadline:
             connection.request("POST", path, body=body, headers=headers)
             response = connection.getresponse()
             response.read()
@@ -186,6 +184,12 @@ def interleaved(rounds, **measurements):
 
 
 # -- the figures ---------------------------------------------------------------------------------------------------
+
+
+def accepted_events(server) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port)
+    connection.request("GET", "/rudderlite/stats", headers={"Authorization": AUTHORIZATION})
+    return sum(json.loads(connection.getresponse().read())["accepted"].values())
 
 
 def bare_loop_events_per_second(body: bytes, seconds: float) -> float:
@@ -297,10 +301,12 @@ def main() -> int:
         big.stop()
 
         many = Server.rudderlite(os.path.join(scratch, "many"))
-        load(many.url, "/v1/track", TRACK_BODY, 8, seconds, total_requests=2_000)
+        load(many.url, "/v1/track", TRACK_BODY, 8, 1)
         before = many.memory_kib("VmRSS") / 1024
         total = 20_000 if options.quick else 200_000
-        load(many.url, "/v1/track", TRACK_BODY, 8, seconds, total_requests=total)
+        while accepted_events(many) < total:
+            load(many.url, "/v1/track", TRACK_BODY, 8, 5)
+        total = accepted_events(many)
         after = many.memory_kib("VmRSS") / 1024
         figures.append(f"{f'RSS growth over {total:,} events':<34} {after - before:>12,.1f} MiB "
                        f"({before:.1f} -> {after:.1f}; target <= 30)")
@@ -324,6 +330,8 @@ def main() -> int:
         full.stop()
         empty.stop()
     finally:
+        for server in Server.started:
+            server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     print("\n" + "\n".join(figures))
     return 0
