@@ -855,7 +855,6 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.1"
-    server_version = f"rudderlite/{__version__}"
 
     #: path -> {method: handler method}. HEAD is answered like GET, without the body.
     ROUTES = {
