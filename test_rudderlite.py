@@ -23,7 +23,7 @@ import urllib.parse
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import rudderlite
 
@@ -736,34 +736,33 @@ hypothesis_settings = settings(max_examples=25, deadline=None,
                                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
+def assert_exact_limit(server, path, at_limit: bytes, over_limit: bytes, gzipped: bool, events: int):
+    """The body at the limit is accepted whole; one byte more is 413 and stores nothing."""
+    headers = {"Content-Encoding": "gzip"} if gzipped else {}
+    encode = gzip.compress if gzipped else bytes
+    before = accepted_count(server)
+    assert post(server.url, path, encode(at_limit), headers=headers).status == 200
+    reply = post(server.url, path, encode(over_limit), headers=headers)
+    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
+    assert accepted_count(server) == before + events
+
+
 @hypothesis_settings
 @given(event=valid_events, gzipped=st.booleans())
 def test_single_event_body_of_exactly_the_limit_is_accepted_one_more_byte_is_413(limits_server, event, gzipped):
     body = json.dumps(event, ensure_ascii=False).encode()
-    if len(body) > EVENT_LIMIT - 1:
-        return
-    headers = {"Content-Encoding": "gzip"} if gzipped else {}
-    encode = gzip.compress if gzipped else bytes
-    before = accepted_count(limits_server)
-    assert post(limits_server.url, "/v1/track", encode(padded_to(body, EVENT_LIMIT)), headers=headers).status == 200
-    reply = post(limits_server.url, "/v1/track", encode(padded_to(body, EVENT_LIMIT + 1)), headers=headers)
-    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
-    assert accepted_count(limits_server) == before + 1
+    assume(len(body) < EVENT_LIMIT)
+    assert_exact_limit(limits_server, "/v1/track", padded_to(body, EVENT_LIMIT), padded_to(body, EVENT_LIMIT + 1),
+                       gzipped, events=1)
 
 
 @hypothesis_settings
 @given(events=st.lists(valid_events, min_size=1, max_size=5), gzipped=st.booleans())
 def test_batch_body_of_exactly_the_limit_is_accepted_one_more_byte_is_413(limits_server, events, gzipped):
     body = json.dumps({"batch": [{"type": "track", **event} for event in events]}).encode()
-    if len(body) > BATCH_LIMIT - 1 or any(len(rudderlite.encode_json(e)) > EVENT_LIMIT - 20 for e in events):
-        return
-    headers = {"Content-Encoding": "gzip"} if gzipped else {}
-    encode = gzip.compress if gzipped else bytes
-    before = accepted_count(limits_server)
-    assert post(limits_server.url, "/v1/batch", encode(padded_to(body, BATCH_LIMIT)), headers=headers).status == 200
-    reply = post(limits_server.url, "/v1/batch", encode(padded_to(body, BATCH_LIMIT + 1)), headers=headers)
-    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
-    assert accepted_count(limits_server) == before + len(events)
+    assume(len(body) < BATCH_LIMIT and all(len(rudderlite.encode_json(e)) < EVENT_LIMIT - 20 for e in events))
+    assert_exact_limit(limits_server, "/v1/batch", padded_to(body, BATCH_LIMIT), padded_to(body, BATCH_LIMIT + 1),
+                       gzipped, events=len(events))
 
 
 def event_of_encoded_size(event: dict, size: int) -> dict:
@@ -777,17 +776,11 @@ def event_of_encoded_size(event: dict, size: int) -> dict:
 @hypothesis_settings
 @given(event=valid_events, gzipped=st.booleans())
 def test_batch_event_of_exactly_the_event_limit_is_accepted_one_more_byte_is_413(limits_server, event, gzipped):
-    if len(json.dumps(event, ensure_ascii=False).encode()) > EVENT_LIMIT - 100:
-        return
-    headers = {"Content-Encoding": "gzip"} if gzipped else {}
-    encode = gzip.compress if gzipped else bytes
+    assume(len(json.dumps(event, ensure_ascii=False).encode()) < EVENT_LIMIT - 100)
     at_limit = {"batch": [track(), event_of_encoded_size(event, EVENT_LIMIT)]}
     over_limit = {"batch": [track(), event_of_encoded_size(event, EVENT_LIMIT + 1)]}
-    before = accepted_count(limits_server)
-    assert post(limits_server.url, "/v1/batch", encode(json.dumps(at_limit).encode()), headers=headers).status == 200
-    reply = post(limits_server.url, "/v1/batch", encode(json.dumps(over_limit).encode()), headers=headers)
-    assert (reply.status, reply.text) == (413, "request size exceeds max limit")
-    assert accepted_count(limits_server) == before + 2
+    assert_exact_limit(limits_server, "/v1/batch", json.dumps(at_limit).encode(), json.dumps(over_limit).encode(),
+                       gzipped, events=2)
 
 
 @hypothesis_settings
