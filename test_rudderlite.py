@@ -790,9 +790,9 @@ def test_what_is_stored_is_what_was_sent_plus_the_enrichment(limits_server, even
     sent = {**event, "messageId": message_id, "previousId": "p", "groupId": "g"}
     if batched:
         sent["type"] = event_type
-        reply = post(limits_server.url, "/v1/batch", {"batch": [sent]})
-    else:
-        reply = post(limits_server.url, f"/v1/{event_type}", sent)
+    body = json.dumps({"batch": [sent]} if batched else sent).encode()
+    assume(len(body) <= EVENT_LIMIT)  # sizes have tests of their own above
+    reply = post(limits_server.url, "/v1/batch" if batched else f"/v1/{event_type}", body)
     assert reply.status == 200
     [from_file] = [stored for stored in stored_events(limits_server.config.data_dir)
                    if stored["messageId"] == message_id]
@@ -990,6 +990,25 @@ def test_sigterm_lets_a_request_in_flight_finish(processes, data_dir):
     assert status_head.startswith(b"HTTP/1.1 200") and b"Connection: close" in status_head
     assert process.stop() == 0
     assert [event["event"] for event in stored_events(data_dir)] == ["in flight"]
+
+
+def test_fsync_always_shares_fsyncs_between_concurrent_requests(tmp_path):
+    store = rudderlite.EventStore(str(tmp_path), rotate_bytes=2 ** 40, fsync="always")
+    start = threading.Barrier(16)
+
+    def append_fifty():
+        start.wait()
+        for number in range(50):
+            store.append(json.dumps(track(event=f"e{number}")).encode() + b"\n")
+
+    writers = [threading.Thread(target=append_fifty) for _ in range(16)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    store.close()
+    assert len(stored_events(str(tmp_path))) == 800
+    assert 0 < store.fsyncs < 800
 
 
 @pytest.mark.parametrize("mode", ["always", "interval"])
