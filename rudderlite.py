@@ -49,6 +49,7 @@ import os
 import re
 import signal
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -1302,7 +1303,7 @@ class RudderliteServer(http.server.ThreadingHTTPServer):
 
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse DNS lookup of the host name, which can stall start-up for seconds."""
-        super(http.server.HTTPServer, self).server_bind()
+        socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
     @property
