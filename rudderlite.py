@@ -92,7 +92,7 @@ NOT_AN_EVENT = Answer(400, "event is not a valid rudder event")
 NO_IDENTITY = Answer(400, "request neither has anonymousId nor userId")
 STORE_FAILED = Answer(500, "failed to store events")
 # Answers the contract does not list; the messages are those of rudder-server or of Go's net/http under it.
-BODY_UNREADABLE = Answer(400, "failed to read body from request")
+BODY_UNREADABLE = Answer(400, "failed to read body from request")  # rudder-server says 500; the client caused it
 BAD_REQUEST = Answer(400, "400 bad request")
 BAD_QUERY = Answer(400, "invalid query parameter")
 HEADERS_TOO_LARGE = Answer(431, "request header fields too large")
