@@ -32,7 +32,6 @@ contract is ``CONTRACT.md`` of the project, and README.md says where rudderlite 
 
 import argparse
 import base64
-import binascii
 import collections
 import contextlib
 import dataclasses
@@ -199,7 +198,7 @@ def write_key_from_authorization(authorization: Optional[str]) -> str:
         raise Rejection(NO_WRITE_KEY_IN_HEADER)
     try:
         decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8 once decoded
         raise Rejection(NO_WRITE_KEY_IN_HEADER) from None
     write_key, colon, _password = decoded.partition(":")
     if not colon or not write_key:
@@ -839,6 +838,12 @@ def read_chunked(rfile, limit: int) -> bytes:
     raise Rejection(BODY_UNREADABLE)
 
 
+@functools.lru_cache(maxsize=1)  # one date a second, not one a request
+def http_date(second: int) -> str:
+    """The ``Date`` header value (RFC 9110 §6.6.1) for a Unix time in whole seconds."""
+    return email.utils.formatdate(second, usegmt=True)
+
+
 def header_safe(value: str) -> str:
     """A header value fit to echo back: no CR, LF or other control character can start a new header."""
     return CONTROL_CHARACTERS.sub("", value)
@@ -966,7 +971,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 headers: Tuple[str, ...] = ()) -> None:
         """Write the whole answer in one send: status line, headers, body (no body for HEAD or 204)."""
         lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
-                 f"Date: {email.utils.formatdate(usegmt=True)}"]
+                 f"Date: {http_date(int(time.time()))}"]
         if status != 204:
             lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         if self.origin:  # CORS on every answer to a browser, errors included, or the page cannot read it

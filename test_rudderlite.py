@@ -410,6 +410,23 @@ def test_missing_or_undecodable_credentials_are_401(server, data_dir, authorizat
     assert stored_events(data_dir) == []
 
 
+@settings(max_examples=300, deadline=None)
+@given(authorization=st.text()
+       | st.builds("{} {}".format, st.sampled_from(["Basic", "basic", "BASIC", "Bearer"]), st.text())
+       | st.builds(lambda raw: "Basic " + base64.b64encode(raw).decode(), st.binary()))
+def test_any_authorization_header_gives_a_key_or_the_401(authorization):
+    try:
+        assert rudderlite.write_key_from_authorization(authorization)
+    except rudderlite.Rejection as rejection:
+        assert rejection.answer == rudderlite.NO_WRITE_KEY_IN_HEADER
+
+
+def test_non_ascii_credentials_are_401_not_a_crash(server):
+    headers = {"Authorization": "Basic caf\u00e9".encode("utf-8").decode("latin-1")}
+    reply = post(server.url, "/v1/track", track(), key=None, headers=headers)
+    assert (reply.status, reply.text) == (401, "failed to read writekey from header")
+
+
 def test_password_is_ignored(server):
     assert post(server.url, "/v1/track", track(), headers={"Authorization": basic_auth(KEY, "pw")}).status == 200
 
@@ -781,6 +798,41 @@ def test_batch_event_of_exactly_the_event_limit_is_accepted_one_more_byte_is_413
     over_limit = {"batch": [track(), event_of_encoded_size(event, EVENT_LIMIT + 1)]}
     assert_exact_limit(limits_server, "/v1/batch", json.dumps(at_limit).encode(), json.dumps(over_limit).encode(),
                        gzipped, events=2)
+
+
+CLIENT_ANSWERS = {rudderlite.INVALID_JSON, rudderlite.EMPTY_BATCH, rudderlite.NOT_AN_EVENT, rudderlite.NO_IDENTITY,
+                  rudderlite.REQUEST_TOO_LARGE}
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=300) | st.builds(lambda value: json.dumps(value).encode(), json_values),
+       type_from_path=st.sampled_from([None, *rudderlite.EVENT_TYPES]), strict=st.booleans())
+def test_any_body_gives_events_or_one_of_the_contract_answers(body, type_from_path, strict):
+    config = rudderlite.Config(strict=strict, max_event_bytes=200)
+    try:
+        stored = rudderlite.process_body(body, type_from_path, config, "2026-11-26T10:00:00.000Z", "127.0.0.1")
+    except rudderlite.Rejection as rejection:
+        assert rejection.answer in CLIENT_ANSWERS or (strict and rejection.answer.status == 400)
+    else:
+        assert all(json.loads(event.line) for event in stored)
+
+
+@settings(max_examples=200, deadline=None)
+@given(compressed=st.binary(max_size=200) | st.builds(gzip.compress, st.binary(max_size=3000)))
+def test_any_gzip_body_inflates_within_the_limit_or_is_refused(compressed):
+    try:
+        assert len(rudderlite.inflate_gzip(compressed, 1000)) <= 1000
+    except rudderlite.Rejection as rejection:
+        assert rejection.answer in (rudderlite.INVALID_JSON, rudderlite.REQUEST_TOO_LARGE)
+
+
+@hypothesis_settings
+@given(body=st.binary(max_size=600), path=st.sampled_from(["/v1/track", "/v1/batch", "/v1/alias"]),
+       gzipped=st.booleans())
+def test_any_body_over_the_wire_is_answered_by_the_contract(limits_server, body, path, gzipped):
+    headers = {"Content-Encoding": "gzip"} if gzipped else {}
+    reply = post(limits_server.url, path, body, headers=headers)
+    assert (reply.status, reply.text) in {(200, "ok"), *[(answer.status, answer.message) for answer in CLIENT_ANSWERS]}
 
 
 @hypothesis_settings
