@@ -835,6 +835,25 @@ def test_any_body_over_the_wire_is_answered_by_the_contract(limits_server, body,
     assert (reply.status, reply.text) in {(200, "ok"), *[(answer.status, answer.message) for answer in CLIENT_ANSWERS]}
 
 
+http_ish_bytes = st.lists(st.sampled_from([b"POST ", b"GET ", b"/v1/track", b"/v1/batch", b" HTTP/1.1", b" HTTP/1.0",
+                                            b"\r\n", b"\n", b"\r", b":", b" ", b"Content-Length: 5", b"Expect: 100-continue",
+                                            b"Transfer-Encoding: chunked", b"0\r\n", b"ffffffff", b"\x00", b"\xff",
+                                            b"Authorization: Basic dGVzdDo=", b"Content-Encoding: gzip", b"{}"])
+                          | st.binary(max_size=20), max_size=30).map(b"".join)
+
+
+@settings(hypothesis_settings, max_examples=100)
+@given(sent=http_ish_bytes)
+def test_any_bytes_on_a_connection_leave_the_server_answering(limits_server, sent, caplog):
+    with socket.create_connection((limits_server.server_address[0], limits_server.server_port), timeout=30) as sock:
+        sock.sendall(sent)
+        sock.shutdown(socket.SHUT_WR)  # the end of what this client sends: the server must not wait for more
+        while sock.recv(65536):
+            pass
+    assert send(limits_server.url, "GET", "/health").status == 200
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
 @hypothesis_settings
 @given(event=valid_events, event_type=st.sampled_from(rudderlite.EVENT_TYPES), batched=st.booleans())
 def test_what_is_stored_is_what_was_sent_plus_the_enrichment(limits_server, event, event_type, batched):
