@@ -205,6 +205,13 @@ def test_write_key_never_in_the_access_log(processes):
     assert "secret-key" not in process.stderr
 
 
+def test_quiet_has_no_access_log(processes):
+    process = processes("--quiet")
+    assert post(process.url, "/v1/track", track()).status == 200
+    assert process.stop() == 0
+    assert "POST /v1/track" not in process.stderr
+
+
 # -- 2. endpoints ---------------------------------------------------------------------------------------------
 
 
