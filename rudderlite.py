@@ -68,6 +68,8 @@ logger = logging.getLogger("rudderlite")
 
 #: The event types RudderStack knows; each has its own endpoint ``/v1/<type>``.
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
+#: When the store fsyncs: before each 200, at least once a second, or never (CONTRACT section 1).
+FSYNC_MODES = ("always", "interval", "off")
 
 
 class Answer(NamedTuple):
@@ -162,8 +164,6 @@ class Config:
     max_head_bytes: int = 64 * 1024
 
 
-FSYNC_MODES = ("always", "interval", "off")
-
 
 ###############################################################################
 # Pure functions: auth, bodies, JSON, validation, enrichment (no I/O)
@@ -247,18 +247,15 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):  # 1e400 overflows to Infinity, which JSON cannot carry back
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
-_JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+_JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def parse_json(body: bytes):
-    """The JSON value of a body, or ``invalid json``: UTF-8 only, no NaN or Infinity, no nesting too deep."""
+    """The JSON value of a body, or ``invalid json``: UTF-8 only, no NaN or Infinity, no nesting too deep.
+
+    A number too large for a float (1e400) parses as infinity; encode_json refuses it, and every event is encoded
+    right after parsing, so it is ``invalid json`` all the same.
+    """
     try:
         return _JSON_DECODER.decode(body.decode("utf-8"))
     except (ValueError, RecursionError):  # ValueError covers UnicodeDecodeError and JSONDecodeError
@@ -272,10 +269,11 @@ _ASCII_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 def encode_json(value) -> bytes:
     """Compact UTF-8 JSON: the size an event is measured by, and the form its line takes in the file."""
     try:
-        return _COMPACT_JSON.encode(value).encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but not UTF-8: keep it escaped
-        return _ASCII_JSON.encode(value).encode("ascii")
-    except RecursionError:  # parsed just under the recursion limit, too deep to write back
+        try:
+            return _COMPACT_JSON.encode(value).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but not UTF-8: keep it escaped
+            return _ASCII_JSON.encode(value).encode("ascii")
+    except (ValueError, RecursionError):  # infinity from an overflowing number, or nesting too deep to write
         raise Rejection(INVALID_JSON) from None
 
 
@@ -373,13 +371,13 @@ def enrichment(event: dict, received_at: str, request_ip: str, type_from_path: O
     return fields
 
 
-def stored_line(event: dict, encoded: Optional[bytes], fields: dict) -> bytes:
+def stored_line(event: dict, encoded: bytes, fields: dict) -> bytes:
     """The event's line in the file: the event as received with ``fields`` set, as compact JSON.
 
-    A batch event was already encoded to measure it; when the fields are all new keys, they are appended to
-    that encoding instead of encoding the whole event a second time.
+    ``encoded`` is the event as received, already encoded (to measure it); when the fields are all new keys,
+    they are appended to that encoding instead of encoding the whole event a second time.
     """
-    if encoded is None or not event.keys().isdisjoint(fields):
+    if not event.keys().isdisjoint(fields):  # a field replaces one the client sent
         event.update(fields)
         return encode_json(event) + b"\n"
     added = encode_json(fields)
@@ -403,15 +401,13 @@ def process_body(
     answers, so a request is all or nothing.
     """
     document = parse_json(body)
-    if type_from_path:
-        events, encodings = [document], [None]
-    else:
-        events = batch_events(document)
-        encodings = [encode_json(event) for event in events]
+    events = [document] if type_from_path else batch_events(document)
+    encodings = [encode_json(event) for event in events]
+    if not type_from_path:
         for index, encoded in enumerate(encodings):
             if len(encoded) > config.max_event_bytes:
-                detail = f"batch[{index}] is {len(encoded)} bytes as compact JSON, over --max-event-bytes {config.max_event_bytes}"
-                raise Rejection(REQUEST_TOO_LARGE, detail)
+                raise Rejection(REQUEST_TOO_LARGE, f"batch[{index}] is {len(encoded)} bytes as compact JSON, "
+                                                   f"over --max-event-bytes {config.max_event_bytes}")
     stored = []
     for index, (event, encoded) in enumerate(zip(events, encodings)):
         user_id, anonymous_id = identities(event)
@@ -660,7 +656,9 @@ class History:
         self._closed = False
 
     def _counts_of(self, write_key: str) -> Dict[str, collections.Counter]:
-        counts = self._counts.pop(write_key, None) or {"accepted": collections.Counter(), "rejected": collections.Counter()}
+        counts = self._counts.pop(write_key, None)
+        if counts is None:
+            counts = {"accepted": collections.Counter(), "rejected": collections.Counter()}
         self._counts[write_key] = counts  # most recently used last; the oldest key is forgotten first
         while len(self._counts) > MAX_COUNTED_KEYS:
             self._counts.popitem(last=False)

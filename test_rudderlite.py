@@ -842,10 +842,10 @@ def test_any_body_over_the_wire_is_answered_by_the_contract(limits_server, body,
     assert (reply.status, reply.text) in {(200, "ok"), *[(answer.status, answer.message) for answer in CLIENT_ANSWERS]}
 
 
-http_ish_bytes = st.lists(st.sampled_from([b"POST ", b"GET ", b"/v1/track", b"/v1/batch", b" HTTP/1.1", b" HTTP/1.0",
-                                            b"\r\n", b"\n", b"\r", b":", b" ", b"Content-Length: 5", b"Expect: 100-continue",
-                                            b"Transfer-Encoding: chunked", b"0\r\n", b"ffffffff", b"\x00", b"\xff",
-                                            b"Authorization: Basic dGVzdDo=", b"Content-Encoding: gzip", b"{}"])
+HTTP_PIECES = [b"POST ", b"GET ", b"/v1/track", b"/v1/batch", b" HTTP/1.1", b" HTTP/1.0", b"\r\n", b"\n", b"\r", b":",
+               b" ", b"Content-Length: 5", b"Expect: 100-continue", b"Transfer-Encoding: chunked", b"0\r\n",
+               b"ffffffff", b"\x00", b"\xff", b"Authorization: Basic dGVzdDo=", b"Content-Encoding: gzip", b"{}"]
+http_ish_bytes = st.lists(st.sampled_from(HTTP_PIECES)
                           | st.binary(max_size=20), max_size=30).map(b"".join)
 
 
@@ -1123,7 +1123,8 @@ VIOLATIONS = [
       for value in ["2026-11-26", "2026-11-26 10:00:00", "2026-13-01T00:00:00Z", "yesterday", 1732615200]],
     ({"type": "identify", "userId": "u", "messageId": 5}, "messageId: must be a string, not number"),
     ({"type": "identify", "userId": {"id": 1}}, "userId: must be a string or a number, not object"),
-    ({"type": "identify", "userId": "u", "anonymousId": True}, "anonymousId: must be a string or a number, not boolean"),
+    ({"type": "identify", "userId": "u", "anonymousId": True},
+     "anonymousId: must be a string or a number, not boolean"),
 ]
 
 
@@ -1408,8 +1409,9 @@ def test_sdk_segment_analytics_node(strict_server):
 
 def browser_event(event_type, anonymous_id="c1b7e4a8-0f5e-4c57-9a51-0d2cf5f2b3a1", **fields):
     """What @rudderstack/analytics-js v3 builds before identify: userId "" beside the anonymousId."""
-    return {"channel": "web", "context": {"app": {"name": "RudderLabs JavaScript SDK", "namespace": "com.rudderlabs.javascript",
-                                                  "version": "3.34.1", "installType": "npm"},
+    app = {"name": "RudderLabs JavaScript SDK", "namespace": "com.rudderlabs.javascript", "version": "3.34.1",
+           "installType": "npm"}
+    return {"channel": "web", "context": {"app": app,
                                           "library": {"name": "RudderLabs JavaScript SDK", "version": "3.34.1"},
                                           "userAgent": "Mozilla/5.0", "locale": "en-US", "traits": {}},
             "type": event_type, "messageId": str(uuid.uuid4()), "originalTimestamp": SDK_TIME,
@@ -1436,9 +1438,9 @@ def test_sdk_analytics_js_loads_its_config_then_sends_each_event(strict_server):
     source = config.json()["source"]
     assert source["id"] and source["config"] == {} and source["enabled"] is True
     assert not source.get("destinations") and "statsCollection" not in json.dumps(config.json())
-    events = [browser_event("page", properties={"path": "/", "url": "http://127.0.0.1:5173/", "title": "Shop",
-                                                "referrer": "$direct", "search": "", "tab_url": "http://127.0.0.1:5173/"},
-                            name="Home"),
+    page_properties = {"path": "/", "url": "http://127.0.0.1:5173/", "title": "Shop", "referrer": "$direct",
+                       "search": "", "tab_url": "http://127.0.0.1:5173/"}
+    events = [browser_event("page", properties=page_properties, name="Home"),
               browser_event("track", event="Added to Cart"),
               browser_event("identify", userId="ada", context={"traits": {"email": "ada@example.com"}}),
               browser_event("group", userId="ada", groupId="g-1", traits={}),
@@ -1466,9 +1468,10 @@ def test_sdk_analytics_js_batch_mode(strict_server):
 def test_sdk_analytics_js_beacon_mode(strict_server):
     """sendBeacon: text/plain, the key in the query only, cookies, no preflight."""
     events = [browser_event("track", event="Left Page"), browser_event("page", name="Bye")]
-    reply = post(strict_server.url, f"/beacon/v1/batch?writeKey={KEY}", json.dumps({"batch": events, "sentAt": SDK_TIME}),
-                 key=None, headers={"Content-Type": "text/plain;charset=UTF-8", "Origin": "http://127.0.0.1:5173",
-                                    "Sec-Fetch-Mode": "no-cors", "Cookie": "rl_anonymous_id=RS_ENC_v3_abc; rl_session=x"})
+    headers = {"Content-Type": "text/plain;charset=UTF-8", "Origin": "http://127.0.0.1:5173",
+               "Sec-Fetch-Mode": "no-cors", "Cookie": "rl_anonymous_id=RS_ENC_v3_abc; rl_session=x"}
+    body = json.dumps({"batch": events, "sentAt": SDK_TIME})
+    reply = post(strict_server.url, f"/beacon/v1/batch?writeKey={KEY}", body, key=None, headers=headers)
     assert reply.status == 200
     assert_stored_as_sent(strict_server, events)
 
