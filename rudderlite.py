@@ -1440,14 +1440,17 @@ def positive_int(text: str) -> int:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class StopRequested(Exception):
-    """SIGTERM or SIGINT arrived."""
+def send_stop_signals_to(wakeup: socket.socket) -> None:
+    """From now on, SIGTERM and SIGINT write a byte to ``wakeup``.
 
-
-def raise_stop_requested(signal_number, frame):
-    """Signal handler: raise in the main thread, which only sleeps. (Setting a threading.Event here instead can
-    deadlock: the handler may run while the main thread holds that Event's lock.)"""
-    raise StopRequested()
+    The OS may deliver a signal to any thread, and Python runs handlers only in the main thread, between two
+    bytecodes: a main thread asleep in time.sleep() or in Event.wait() would not notice a signal delivered to a
+    connection's thread. The wakeup socket (signal.set_wakeup_fd) is written by whichever thread got it.
+    """
+    wakeup.setblocking(False)
+    signal.set_wakeup_fd(wakeup.fileno())
+    for signal_number in STOP_SIGNALS:
+        signal.signal(signal_number, lambda *_: None)  # the wakeup byte is all that is needed
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -1462,15 +1465,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 2
     server.start()
-    try:
-        for signal_number in STOP_SIGNALS:  # in place before the listening line tells anyone to send signals
-            signal.signal(signal_number, raise_stop_requested)
-        print(f"rudderlite listening on {server.url}", flush=True)
-        while True:
-            time.sleep(3600)
-    except StopRequested:
-        for signal_number in STOP_SIGNALS:  # a second signal must not interrupt the orderly stop
-            signal.signal(signal_number, signal.SIG_IGN)
+    stop_requests, wakeup = socket.socketpair()
+    send_stop_signals_to(wakeup)  # before the listening line tells anyone to send signals
+    print(f"rudderlite listening on {server.url}", flush=True)
+    stop_requests.recv(1)
     server.stop()
     return 0
 
