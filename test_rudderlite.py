@@ -201,7 +201,7 @@ def test_write_key_never_in_the_access_log(processes):
     post(process.url, "/v1/track", track(), key="secret-key-in-header")
     post(process.url, "/beacon/v1/batch?writeKey=secret-key-in-query", batch_of(track()), key=None)
     assert process.stop() == 0
-    assert "POST /beacon/v1/batch" in process.stderr
+    assert "200 /beacon/v1/batch" in process.stderr
     assert "secret-key" not in process.stderr
 
 
@@ -209,7 +209,7 @@ def test_quiet_has_no_access_log(processes):
     process = processes("--quiet")
     assert post(process.url, "/v1/track", track()).status == 200
     assert process.stop() == 0
-    assert "POST /v1/track" not in process.stderr
+    assert "/v1/track" not in process.stderr
 
 
 # -- 2. endpoints ---------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def test_no_cors_headers_without_origin(server):
 @pytest.mark.parametrize("origin", [b"http://a\r\n X-Injected: yes", b"http://a\x0bX-Injected: yes",
                                     b"http://a\rX-Injected: yes"])
 def test_origin_cannot_inject_headers(server, origin):
-    with raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\nOrigin: " + origin + b"\r\n\r\n") as sock:
+    with raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\nOrigin: " + origin + b"\r\n\r\n") as sock:
         answer, _body = read_answer(sock)
     assert b"\nX-Injected" not in answer and b"\rX-Injected" not in answer
     assert answer.startswith((b"HTTP/1.1 200", b"HTTP/1.1 400"))  # folded lines are refused (RFC 9112 §5.2)
@@ -355,7 +355,7 @@ def read_answer(sock):
 
 def test_expect_100_continue_is_answered_before_the_body(server, data_dir):
     body = json.dumps(track()).encode()
-    head = (f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+    head = (f"POST /v1/track HTTP/1.1\r\nHost: localhost\r\nAuthorization: {basic_auth()}\r\n"
             f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n").encode()
     with raw_exchange(server, head) as sock:
         assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -366,7 +366,7 @@ def test_expect_100_continue_is_answered_before_the_body(server, data_dir):
 
 
 def test_expect_100_continue_too_large_is_refused_without_continue(server):
-    head = (f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+    head = (f"POST /v1/track HTTP/1.1\r\nHost: localhost\r\nAuthorization: {basic_auth()}\r\n"
             f"Content-Length: {10 ** 9}\r\nExpect: 100-continue\r\n\r\n").encode()
     with raw_exchange(server, head) as sock:
         status_head, answer = read_answer(sock)
@@ -375,7 +375,7 @@ def test_expect_100_continue_too_large_is_refused_without_continue(server):
 
 
 def test_expect_100_continue_unauthorized_is_refused_without_continue(server):
-    head = b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+    head = b"POST /v1/track HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
     with raw_exchange(server, head) as sock:
         status_head, _answer = read_answer(sock)
     assert status_head.startswith(b"HTTP/1.1 401")
@@ -480,7 +480,7 @@ def test_one_event_of_a_batch_over_the_event_limit_is_413_and_named_in_rejected(
 
 
 def test_huge_declared_body_is_refused_without_reading_it(server):
-    with raw_exchange(server, (f"POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+    with raw_exchange(server, (f"POST /v1/batch HTTP/1.1\r\nHost: localhost\r\nAuthorization: {basic_auth()}\r\n"
                                f"Content-Length: {2 * 10 ** 9}\r\n\r\n").encode() + b"{" * 1000) as sock:
         status_head, answer = read_answer(sock)
     assert status_head.startswith(b"HTTP/1.1 413") and b"Connection: close" in status_head
@@ -488,7 +488,7 @@ def test_huge_declared_body_is_refused_without_reading_it(server):
 
 def test_endless_chunked_body_is_refused_at_the_limit(make_server):
     server = make_server(max_batch_bytes=10_000)
-    with raw_exchange(server, (f"POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+    with raw_exchange(server, (f"POST /v1/batch HTTP/1.1\r\nHost: localhost\r\nAuthorization: {basic_auth()}\r\n"
                                "Transfer-Encoding: chunked\r\n\r\n").encode()) as sock:
         try:
             for _ in range(100):
@@ -617,7 +617,7 @@ def test_oversized_head_is_431(server):
 
 
 def test_conflicting_content_length_is_refused(server, data_dir):
-    head = (f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+    head = (f"POST /v1/track HTTP/1.1\r\nHost: localhost\r\nAuthorization: {basic_auth()}\r\n"
             "Content-Length: 5\r\nContent-Length: 6\r\n\r\n{}{}{}").encode()
     with raw_exchange(server, head) as sock:
         status_head, _answer = read_answer(sock)
@@ -717,7 +717,7 @@ def test_torn_last_line_is_cut_at_start_and_whole_lines_kept(processes, data_dir
     process = processes()
     assert post(process.url, "/v1/track", track()).status == 200
     assert process.stop() == 0
-    assert "cut a torn last line of 19 bytes" in process.stderr
+    assert "moved an unfinished last line of 19 bytes" in process.stderr
     assert len(stored_events(data_dir)) == 4
 
 
@@ -985,7 +985,7 @@ def test_slow_headers_are_cut_and_idle_connections_do_not_block_others(make_serv
     address = (server.server_address[0], server.server_port)
     idle = [socket.create_connection(address) for _ in range(300)]
     slowloris = socket.create_connection(address, timeout=30)
-    slowloris.sendall(b"POST /v1/track HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+    slowloris.sendall(b"POST /v1/track HTTP/1.1\r\nHost: localhost\r\nX-Slow: a")
     try:
         assert post(server.url, "/v1/track", track()).status == 200
         slowloris.sendall(b"b")
@@ -1007,14 +1007,14 @@ def test_connections_over_the_cap_get_503(make_server):
     address = (server.server_address[0], server.server_port)
     held = [socket.create_connection(address) for _ in range(5)]
     try:
-        with raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n") as sock:
+        with raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n") as sock:
             status_head, answer = read_answer(sock)
         assert status_head.startswith(b"HTTP/1.1 503") and answer == b"too many connections"
     finally:
         for sock in held:
             sock.close()
     for _attempt in range(1000):  # a freed slot serves again, once the server has seen those clients leave
-        with raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n") as sock:
+        with raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n") as sock:
             status_head, _answer = read_answer(sock)
         if not status_head.startswith(b"HTTP/1.1 503"):
             break
@@ -1024,7 +1024,7 @@ def test_connections_over_the_cap_get_503(make_server):
 def test_clients_leaving_mid_request_leave_no_traceback(processes, data_dir):
     process = processes()
     address = urllib.parse.urlsplit(process.url).netloc.split(":")
-    head = f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\nContent-Length: 1000\r\n\r\n"
+    head = f"POST /v1/track HTTP/1.1\r\nHost: localhost\r\nAuthorization: {basic_auth()}\r\nContent-Length: 1000\r\n\r\n"
     for partial in [head.encode() + b'{"userId"', head.encode(), b"POST /v1/tr", b"GET /health HTTP/1.1\r\nHo"]:
         with socket.create_connection((address[0], int(address[1]))) as sock:
             sock.sendall(partial)
@@ -1053,7 +1053,7 @@ def test_sigterm_lets_a_request_in_flight_finish(processes, data_dir):
     process = processes()
     address = urllib.parse.urlsplit(process.url).netloc.split(":")
     body = json.dumps(track(event="in flight")).encode()
-    head = (f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()}\r\n"
+    head = (f"POST /v1/track HTTP/1.1\r\nHost: localhost\r\nAuthorization: {basic_auth()}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     with socket.create_connection((address[0], int(address[1])), timeout=30) as sock:
         sock.sendall(head + body[:10])
@@ -1217,10 +1217,10 @@ def test_each_key_sees_only_its_own(server):
     post(server.url, "/v1/track", {"event": "refused"}, key="key-b")
     assert [event["event"] for event in inspect(server, key="key-a")] == ["for A"]
     assert [event["event"] for event in inspect(server, key="key-b")] == ["for B"]
-    assert send(server.url, "GET", "/rudderlite/rejected", key="key-a").json() == {"rejected": []}
+    assert send(server.url, "GET", "/rudderlite/rejected", key="key-a").json()["rejected"] == []
     assert len(send(server.url, "GET", "/rudderlite/rejected", key="key-b").json()["rejected"]) == 1
     assert send(server.url, "GET", "/rudderlite/stats", key="key-a").json() == \
-        {"accepted": {"track": 1}, "rejected": {}}
+        {"accepted": {"track": 1}, "rejected": {}, "valid": 1, "invalid": 0}
     assert post(server.url, "/rudderlite/reset", b"", key="key-a").status == 200
     assert inspect(server, key="key-a") == [] and len(inspect(server, key="key-b")) == 1
 
@@ -1266,10 +1266,11 @@ def test_stats_and_reset(server):
     post(server.url, "/v1/track", b"nope")
     post(server.url, "/v1/batch", {"batch": []})
     assert send(server.url, "GET", "/rudderlite/stats").json() == \
-        {"accepted": {"track": 2, "identify": 1}, "rejected": {"400": 2}}
+        {"accepted": {"track": 2, "identify": 1}, "rejected": {"400": 2}, "valid": 3, "invalid": 0}
     post(server.url, "/rudderlite/reset", b"")
-    assert send(server.url, "GET", "/rudderlite/stats").json() == {"accepted": {}, "rejected": {}}
-    assert inspect(server) == [] and send(server.url, "GET", "/rudderlite/rejected").json() == {"rejected": []}
+    assert send(server.url, "GET", "/rudderlite/stats").json() == \
+        {"accepted": {}, "rejected": {}, "valid": 0, "invalid": 0}
+    assert inspect(server) == [] and send(server.url, "GET", "/rudderlite/rejected").json()["rejected"] == []
     assert len(stored_events(server.config.data_dir)) == 3  # the files are untouched
 
 
@@ -1279,7 +1280,7 @@ def test_history_is_bounded_to_the_newest_events(make_server):
         post(server.url, "/v1/track", track(event=f"e{number}"))
     assert [event["event"] for event in inspect(server)] == [f"e{n}" for n in range(7, 12)]
     post(server.url, "/v1/batch", batch_of(*[track(properties={"pad": "x" * 3000})] * 4))
-    assert len(inspect(server)) == 3  # 4 events of 3 KB do not fit in 10,000 bytes
+    assert len(inspect(server)) == 2  # 4 events of 3 KB (and their overhead) do not fit in 10,000 bytes
     assert len(stored_events(server.config.data_dir)) == 16
 
 
