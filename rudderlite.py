@@ -60,10 +60,11 @@ import socketserver
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 import uuid
 import zlib
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 __version__ = "0.2.0"
 
@@ -305,8 +306,12 @@ def parse_json(body: bytes):
     overflows a float, no nesting too deep to parse."""
     try:
         return _JSON_DECODER.decode(body.decode("utf-8"))
-    except (ValueError, RecursionError):  # ValueError covers UnicodeDecodeError and JSONDecodeError
-        raise Rejection(INVALID_JSON) from None
+    except UnicodeDecodeError as error:
+        raise Rejection(INVALID_JSON, f"not UTF-8 at byte {error.start}") from None
+    except RecursionError:
+        raise Rejection(INVALID_JSON, "nested too deep") from None
+    except ValueError as error:  # JSONDecodeError says where; the others say what
+        raise Rejection(INVALID_JSON, str(error)) from None
 
 
 _COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -416,9 +421,21 @@ def rudder_id(user_id: str, anonymous_id: str) -> str:
 
 
 def _computed_rudder_id(user_id: str, anonymous_id: str) -> str:
-    text = f"{user_id}:{anonymous_id}".encode("utf-8")
+    text = go_utf8(f"{user_id}:{anonymous_id}")
     digest = hashlib.md5(text, usedforsecurity=False).digest()
     return str(uuid.UUID(bytes=digest, version=4))  # version=4 also sets the RFC 4122 variant bits
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def go_utf8(text: str) -> bytes:
+    """A text's UTF-8 as rudder-server holds it: a lone surrogate (JSON allows ``"\\ud800"``,
+    UTF-8 does not) is the replacement character, as Go's JSON decoder makes it."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return LONE_SURROGATE.sub("\ufffd", text).encode("utf-8")
 
 
 # The same users send again and again; a cached id costs a tenth of a computed one.
@@ -456,6 +473,36 @@ def stored_line(event: dict, encoded: bytes, fields: dict) -> bytes:
     return encoded[:-1] + b"," + encode_json(fields)[1:] + b"\n"  # "{...}" + ',"messageId":...}'
 
 
+def context_last(event):
+    """The event with its context object moved to its end, for an event to be checked against a
+    tracking plan: the verdict then goes into the context's encoding at the end of the event's,
+    without encoding the event again (see stored_line_with_verdict). The members of a JSON object
+    have no order, and an encoding's length does not depend on it."""
+    if isinstance(event, dict) and isinstance(event.get("context"), dict):
+        event["context"] = event.pop("context")
+    return event
+
+
+def stored_line_with_verdict(event: dict, encoded: bytes, fields: dict, verdict) -> bytes:
+    """The line of an event checked against a tracking plan: as stored_line, with the ``verdict``
+    (``trackingPlanId``, ``trackingPlanVersion``, ``violationErrors``) in its context, as
+    rudder-server writes it downstream: a missing or null context becomes the verdict, an object
+    gets its three fields, any other context is left as it is. ``encoded`` is the encoding of the
+    event after context_last."""
+    context = event.get("context")
+    if context is not None and not isinstance(context, dict):
+        return stored_line(event, encoded, fields)
+    if "context" not in event:
+        return stored_line(event, encoded, {**fields, "context": verdict.fields})
+    if context is not None and event.keys().isdisjoint(fields) and context.keys().isdisjoint(
+            verdict.fields):  # encoded ends in '"context":{...}}': the verdict goes before '}}'
+        return (encoded[:-2] + (b"," if context else b"") + verdict.members_json + b"},"
+                + encode_json(fields)[1:] + b"\n")
+    event.update(fields)
+    event["context"] = {**(context or {}), **verdict.fields}
+    return encode_json(event) + b"\n"
+
+
 def utc_timestamp(moment: datetime.datetime) -> str:
     """RFC 3339 in UTC with milliseconds, as rudder-server writes ``receivedAt``."""
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
@@ -482,6 +529,8 @@ def process_body(body: bytes, type_from_path: Optional[str], config: Config, rec
     first that fails answers, so a request is all or nothing. """
     document = parse_json(body)
     events = [document] if type_from_path else batch_events(document)
+    if plan is not None:
+        events = [context_last(event) for event in events]
     encodings = [encode_json(event) for event in events]
     if not type_from_path:
         for index, encoded in enumerate(encodings):
@@ -503,12 +552,12 @@ def process_body(body: bytes, type_from_path: Optional[str], config: Config, rec
         if plan is None:
             line, violations = stored_line(event, encoded, fields), ()
         else:
-            event.update(fields)
-            violations = plan_verdict(plan, event)
+            verdict = plan_verdict(plan, {**event, **fields})  # the event as stored
+            violations = verdict.violations
             if violations and config.strict:
                 raise Rejection(Answer(400, f"{where}: {violations[0]}" if where
                                        else violations[0]))
-            line = encode_json(event) + b"\n"
+            line = stored_line_with_verdict(event, encoded, fields, verdict)
         stored.append(StoredEvent(line, event_type, display_name(event), user_id, anonymous_id,
                                   warnings, violations))
     return stored
@@ -540,34 +589,3218 @@ def source_config(write_key: str) -> dict:
 ###############################################################################
 
 
+# Tracking plans: check events against a RudderStack tracking plan, with RudderStack's verdicts.
+#
+# RudderStack checks each event of a source that has a tracking plan after its gateway answered:
+# rudder-server's processor (``processor/trackingplan.go``) sends the event to rudder-transformer,
+# whose ``src/util/eventValidation.js`` finds the event's rule in the plan and runs Ajv on it:
+# ``Ajv2019`` (JSON Schema draft 2019-09, with the draft-06 and draft-07 meta-schemas added), or
+# ``ajv-draft-04`` for a rule whose ``$schema`` mentions draft-04, with ``ajv-formats`` and the
+# options ``allErrors``, ``strictRequired`` and ``allowUnionTypes`` in Ajv's default strict mode.
+# Each Ajv error becomes one violation ``{"type", "message", "meta": {"instancePath",
+# "schemaPath"}}``.
+#
+# rudderlite does the same without Node: a JSON Schema validator written to Ajv's behaviour
+# rather than to the specification's where they differ (``multipleOf`` divides in floating point,
+# formats are ajv-formats' expressions, patterns are ECMAScript's, errors come in Ajv's keyword
+# order, and Ajv's bookkeeping of evaluated properties is followed to the letter). As Ajv compiles
+# a schema into one JavaScript function, each rule is compiled once, when the plan loads, into
+# nested closures: a table maps each keyword to a small function that returns the closure checking
+# it (as python-jsonschema's ``_keywords.py`` maps keywords to validators), so checking an event
+# does nothing loading could do.
+#
+# A rule Ajv refuses to compile (strict mode: an unknown keyword or format, a ``required`` name
+# the schema does not define, a bad pattern, a dangling ``$ref``...) is one line of
+# ``TrackingPlan.problems``, and its events pass unchecked, as rudder-transformer lets them
+# through.
+
+
+# -- The facts as data: violation types, messages, Ajv's keyword order -----------------------------
+
+#: rudder-transformer's violation type for each Ajv error keyword (eventValidation.js,
+#: ``validate``); every other keyword is an ``Unknown-Violation``.
+VIOLATION_TYPES = {
+    "required": "Required-Missing",
+    "type": "Datatype-Mismatch",
+    "additionalProperties": "Additional-Properties",
+    "unevaluatedProperties": "Additional-Properties",
+    **dict.fromkeys(
+        ("minLength", "maxLength", "pattern", "format", "multipleOf", "minimum", "maximum",
+         "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems", "uniqueItems", "enum",
+         "if"),
+        "Advance-Rules-Violation"),
+}
+UNKNOWN_VIOLATION = "Unknown-Violation"
+UNPLANNED_EVENT = "Unplanned-Event"
+
+#: The event types rudder-transformer checks (``supportedEventTypes``); alias never is.
+CHECKED_EVENT_TYPES = ("track", "identify", "page", "screen", "group")
+
+# Ajv runs a schema's keywords in groups, not in the schema's key order (lib/compile/rules.ts,
+# lib/compile/validate/index.ts): the keywords for any value first, then those for numbers,
+# strings, arrays and objects, each group in the order its vocabularies added them (lib/2019.ts:
+# dynamic, core, validation, applicator, format, next, unevaluated; then ajv-formats' format
+# limits). ``items``, ``additionalItems`` and ``contains`` are added "before uniqueItems".
+_GROUPS_2019 = (
+    (None, ("$dynamicAnchor", "$dynamicRef", "$recursiveAnchor", "$recursiveRef", "id", "$ref",
+            "nullable", "const", "enum", "not", "anyOf", "oneOf", "allOf", "if", "then", "else")),
+    ("number", ("maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum", "multipleOf",
+                "format")),
+    ("string", ("maxLength", "minLength", "pattern", "format", "formatMaximum", "formatMinimum",
+                "formatExclusiveMaximum", "formatExclusiveMinimum")),
+    ("array", ("maxItems", "minItems", "additionalItems", "items", "contains", "uniqueItems",
+               "maxContains", "minContains", "unevaluatedItems")),
+    ("object", ("maxProperties", "minProperties", "required", "propertyNames",
+                "additionalProperties", "dependencies", "properties", "patternProperties",
+                "dependentRequired", "dependentSchemas", "unevaluatedProperties")),
+)
+# ajv-draft-04: no 2019-09 keywords; exclusiveMaximum/Minimum are booleans read by maximum/minimum.
+_GROUPS_DRAFT4 = (
+    (None, ("$ref", "nullable", "const", "enum", "not", "anyOf", "oneOf", "allOf", "if", "then",
+            "else")),
+    ("number", ("maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum", "multipleOf",
+                "format")),
+    ("string", ("maxLength", "minLength", "pattern", "format", "formatMaximum", "formatMinimum",
+                "formatExclusiveMaximum", "formatExclusiveMinimum")),
+    ("array", ("maxItems", "minItems", "additionalItems", "items", "contains", "uniqueItems")),
+    ("object", ("maxProperties", "minProperties", "required", "propertyNames",
+                "additionalProperties", "dependencies", "properties", "patternProperties")),
+)
+#: Keywords Ajv knows but that check nothing (no code of their own, or read by another keyword).
+_INERT_2019 = ("$schema", "$id", "$defs", "$vocabulary", "$comment", "definitions", "$async",
+               "type", "title", "description", "default", "deprecated", "readOnly", "writeOnly",
+               "examples", "contentMediaType", "contentEncoding", "contentSchema")
+_INERT_DRAFT4 = ("$schema", "id", "$defs", "$comment", "definitions", "$async", "type", "title",
+                 "description", "default")
+
+
+# -- JSON values as JavaScript sees them -----------------------------------------------------------
+
+
+def js_number_text(number) -> str:
+    """ECMAScript's Number::toString: how Ajv writes a number into a message (``5``, ``0.1``,
+    ``1e-7``, ``1e+21``). Python ints are first made doubles, as JSON.parse does."""
+    number = float(number)
+    if number != number:
+        return "NaN"
+    if number in (math.inf, -math.inf):
+        return "Infinity" if number > 0 else "-Infinity"
+    if number == 0:
+        return "0"
+    if number < 0:
+        return "-" + js_number_text(-number)
+    # repr() gives the shortest digits that round-trip, as ECMAScript asks; only the layout differs.
+    mantissa, _, exponent = repr(number).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    point = len(whole) + int(exponent or 0) - (len(whole + fraction) - len(digits))
+    digits = digits.rstrip("0")
+    if len(digits) <= point <= 21:
+        return digits + "0" * (point - len(digits))
+    if 0 < point <= 21:
+        return digits[:point] + "." + digits[point:]
+    if -6 < point <= 0:
+        return "0." + "0" * -point + digits
+    power = point - 1
+    head = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{head}e{'+' if power > 0 else '-'}{abs(power)}"
+
+
+_MISSING = object()  # a field that is not there: JavaScript's undefined
+
+
+def js_string(value) -> str:
+    """JavaScript's String(value) for a JSON value (``_MISSING`` is undefined): what a template
+    literal shows, as in rudder-transformer's ``no schema for event: ${event}``."""
+    if value is _MISSING:
+        return "undefined"
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return js_number_text(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # Array.prototype.join shows null and undefined as ""
+        return ",".join("" if item is None else js_string(item) for item in value)
+    return "[object Object]"
+
+
+_ARRAY_INDEX = re.compile(r"(?:0|[1-9][0-9]{0,9})\Z")
+
+
+def js_key_order(obj: dict) -> list:
+    """An object's keys in JavaScript's order (``for...in``, ``Object.keys``): keys that are array
+    indices first, in numeric order, then the others in insertion order. Ajv reports errors in this
+    order, so ``{"b": 1, "2": 1}`` yields ``2`` before ``b``."""
+    indices = [key for key in obj if _ARRAY_INDEX.match(key) and int(key) < 4294967295]
+    if not indices:
+        return list(obj)
+    indices.sort(key=int)
+    return indices + [key for key in obj if key not in set(indices)]
+
+
+def _js_truthy(value) -> bool:
+    """JavaScript's truthiness: objects and arrays are true even when empty."""
+    return type(value) in (dict, list) or bool(value)
+
+
+def json_equal(left, right) -> bool:
+    """Deep equality as Ajv's ``equal`` (fast-deep-equal) and ``===`` see JSON: 1 equals 1.0, but
+    true is not 1 and false is not 0, at any depth."""
+    left_type, right_type = type(left), type(right)
+    if left_type is bool or right_type is bool:
+        return left_type is right_type and left == right
+    if left_type in (int, float):
+        return right_type in (int, float) and left == right
+    if left_type is list:
+        return (right_type is list and len(left) == len(right)
+                and all(json_equal(a, b) for a, b in zip(left, right)))
+    if left_type is dict:
+        return (right_type is dict and len(left) == len(right)
+                and all(key in right and json_equal(left[key], right[key]) for key in left))
+    return left_type is right_type and left == right
+
+
+def _is_number(value) -> bool:
+    """Ajv's "number" under ``strictNumbers``: a finite double, never a boolean."""
+    kind = type(value)
+    return kind is int or (kind is float and value - value == 0.0)
+
+
+def _is_integer(value) -> bool:
+    """Ajv's "integer": a number with no fraction, so 1.0 is an integer."""
+    kind = type(value)
+    return kind is int or (kind is float and value - value == 0.0 and value.is_integer())
+
+
+#: The JSON types that one Python class stands for (numbers need a test: 1.0 is an integer).
+_PYTHON_TYPES = {"null": type(None), "boolean": bool, "string": str, "object": dict, "array": list}
+#: Ajv's data types and how each is recognised (lib/compile/validate/dataType.ts, checkDataType).
+_TYPE_TESTS = {
+    "null": lambda value: value is None,
+    "boolean": lambda value: type(value) is bool,
+    "string": lambda value: type(value) is str,
+    "number": _is_number,
+    "integer": _is_integer,
+    "object": lambda value: type(value) is dict,
+    "array": lambda value: type(value) is list,
+}
+
+
+def pointer_token(key: str) -> str:
+    """A key as one token of a JSON Pointer (RFC 6901): how Ajv writes ``instancePath``."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def fragment_token(key) -> str:
+    """A key as one token of a URI fragment: Ajv's ``escapeFragment``, a JSON Pointer token through
+    encodeURIComponent, so ``schemaPath`` shows ``Sample%20property`` where ``instancePath`` shows
+    ``Sample property``."""
+    return urllib.parse.quote(pointer_token(str(key)), safe="!'()*-._~")
+
+
+# -- ECMAScript regular expressions, in Python's re ------------------------------------------------
+
+# Ajv compiles ``pattern`` (and ``patternProperties``) with ``new RegExp(source, "u")``;
+# ajv-formats' "regex" format only asks whether ``new RegExp(source)`` compiles. Python's re differs
+# from ECMAScript in ways a plan can meet, so patterns are parsed as ECMAScript (ECMA-262, "Regular
+# Expressions", u flag) and rewritten for re: ``.`` excludes the four ECMAScript line terminators;
+# ``$`` matches only at the very end (re's also before a final newline); ``\d``, ``\w`` and ``\b``
+# are ASCII-only; ``\s`` is ECMAScript's white space (with U+FEFF); a backreference to a group that
+# did not take part matches the empty string; ``\p{...}`` is expanded from unicodedata.
+
+_JS_SPACE = r"\t\n\x0b\x0c\r\x20\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_CLASS_ESCAPES = {"d": "0-9", "w": "A-Za-z0-9_", "s": _JS_SPACE}
+_WORD_BOUNDARY = {
+    "b": r"(?:(?<=[A-Za-z0-9_])(?![A-Za-z0-9_])|(?<![A-Za-z0-9_])(?=[A-Za-z0-9_]))",
+    "B": r"(?:(?<=[A-Za-z0-9_])(?=[A-Za-z0-9_])|(?<![A-Za-z0-9_])(?![A-Za-z0-9_]))",
+}
+_CONTROL_ESCAPES = {"f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\x0b"}
+_SYNTAX_CHARACTERS = "^$\\.*+?()[]{}|/"
+_GENERAL_CATEGORIES = {
+    "L": "Letter", "LC": "Cased_Letter", "Lu": "Uppercase_Letter", "Ll": "Lowercase_Letter",
+    "Lt": "Titlecase_Letter", "Lm": "Modifier_Letter", "Lo": "Other_Letter", "M": "Mark",
+    "Mn": "Nonspacing_Mark", "Mc": "Spacing_Mark", "Me": "Enclosing_Mark", "N": "Number",
+    "Nd": "Decimal_Number", "Nl": "Letter_Number", "No": "Other_Number", "P": "Punctuation",
+    "Pc": "Connector_Punctuation", "Pd": "Dash_Punctuation", "Ps": "Open_Punctuation",
+    "Pe": "Close_Punctuation", "Pi": "Initial_Punctuation", "Pf": "Final_Punctuation",
+    "Po": "Other_Punctuation", "S": "Symbol", "Sm": "Math_Symbol", "Sc": "Currency_Symbol",
+    "Sk": "Modifier_Symbol", "So": "Other_Symbol", "Z": "Separator", "Zs": "Space_Separator",
+    "Zl": "Line_Separator", "Zp": "Paragraph_Separator", "C": "Other", "Cc": "Control",
+    "Cf": "Format", "Cs": "Surrogate", "Co": "Private_Use", "Cn": "Unassigned",
+}
+_CATEGORY_ALIASES = {"Combining_Mark": "M", "digit": "Nd", "punct": "P", "cntrl": "Cc"}
+_CATEGORY_ALIASES.update({long: short for short, long in _GENERAL_CATEGORIES.items()})
+_CATEGORY_ALIASES.update({short: short for short in _GENERAL_CATEGORIES})
+_BINARY_PROPERTIES = {"Any": "Any", "ASCII": "ASCII", "Assigned": "Assigned",
+                      "ASCII_Hex_Digit": "AHex", "AHex": "AHex", "White_Space": "space",
+                      "space": "space"}
+_SCRIPT_PREFIXES = ("Script=", "sc=", "Script_Extensions=", "scx=")
+
+
+class PatternError(ValueError):
+    """A pattern ECMAScript refuses (Ajv's compile error), or one this translation cannot run."""
+
+
+def _class_char(code: int) -> str:
+    """One code point written so that re reads it literally, in or out of a class."""
+    char = chr(code)
+    if char.isascii() and char.isalnum():
+        return char
+    return f"\\x{code:02x}" if code < 0x100 else (
+        f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+
+
+class _PatternParser:
+    """A recursive-descent parser of ECMAScript pattern syntax that writes the equivalent re source.
+
+    ``unicode`` is the u flag: Ajv's patterns have it; without it (ajv-formats' "regex" format) the
+    syntax is Annex B's lenient one and only validity matters. ``categories`` caches \\p{...} sets
+    for one plan.
+    """
+
+    def __init__(self, source: str, unicode: bool, categories: dict):
+        self.source = source
+        self.position = 0
+        self.unicode = unicode
+        self.categories = categories
+        self.group_count, self.group_names = self._count_groups()
+        self.groups_opened = 0
+        self.names_seen: set = set()
+        self.groups_closed: set = set()  # numbers and names of the groups already closed
+
+    def fail(self, why: str):
+        raise PatternError(f"Invalid regular expression: /{self.source}/: {why}")
+
+    def _count_groups(self) -> Tuple[int, set]:
+        """The capturing groups, counted before parsing as ECMAScript does for \\N and \\k<name>."""
+        count, names, index, in_class = 0, set(), 0, False
+        text = self.source
+        while index < len(text):
+            char = text[index]
+            if char == "\\":
+                index += 2
+                continue
+            if in_class:
+                in_class = char != "]"
+            elif char == "[":
+                in_class = True
+            elif char == "(":
+                if not text.startswith("?", index + 1):
+                    count += 1
+                elif text.startswith("?<", index + 1) and text[index + 3:index + 4] not in "=!":
+                    count += 1
+                    names.add(text[index + 3:text.find(">", index)])
+            index += 1
+        return count, names
+
+    def peek(self, text: str) -> bool:
+        return self.source.startswith(text, self.position)
+
+    def at_end(self) -> bool:
+        return self.position >= len(self.source)
+
+    def translate(self) -> str:
+        python = self.disjunction()
+        if not self.at_end():
+            self.fail("Unmatched ')'" if self.peek(")") else "Lone quantifier brackets")
+        return python
+
+    def disjunction(self) -> str:
+        alternatives = [self.alternative()]
+        while self.peek("|"):
+            self.position += 1
+            alternatives.append(self.alternative())
+        return "|".join(alternatives)
+
+    def alternative(self) -> str:
+        terms = []
+        while not self.at_end() and not self.peek("|") and not self.peek(")"):
+            terms.append(self.term())
+        return "".join(terms)
+
+    def term(self) -> str:
+        char = self.source[self.position]
+        if char == "^":
+            self.position += 1
+            return self.no_quantifier("^")
+        if char == "$":
+            self.position += 1
+            return self.no_quantifier(r"\Z")
+        if self.peek("\\b") or self.peek("\\B"):  # re's \B never matches an empty string
+            self.position += 2
+            return self.no_quantifier(_WORD_BOUNDARY[self.source[self.position - 1]])
+        if self.peek("(?=") or self.peek("(?!") or self.peek("(?<=") or self.peek("(?<!"):
+            opening = self.source[self.position:self.position + (4 if self.peek("(?<") else 3)]
+            self.position += len(opening)
+            inner = self.disjunction()
+            self.expect(")")
+            look = f"{opening}{inner})"
+            if opening.startswith("(?<") or self.unicode:
+                return self.no_quantifier(look)
+            return look + self.quantifier()
+        atom = self.atom()
+        return atom + self.quantifier()
+
+    def no_quantifier(self, python: str) -> str:
+        if not self.at_end() and self.source[self.position] in "*+?" or self.quantifier_ahead():
+            self.fail("Nothing to repeat")
+        return python
+
+    def quantifier_ahead(self) -> bool:
+        return self.peek("{") and re.match(r"\{\d+(,\d*)?\}", self.source[self.position:])
+
+    def expect(self, text: str):
+        if not self.peek(text):
+            self.fail("Unterminated group")
+        self.position += len(text)
+
+    def quantifier(self) -> str:
+        if self.at_end():
+            return ""
+        char = self.source[self.position]
+        if char in "*+?":
+            self.position += 1
+            written = char
+        elif char == "{":
+            match = re.match(r"\{(\d+)(,(\d*))?\}", self.source[self.position:])
+            if not match:
+                if self.unicode:
+                    self.fail("Incomplete quantifier")
+                return ""
+            low, high = int(match.group(1)), match.group(3)
+            if high and int(high) < low:
+                self.fail("numbers out of order in {} quantifier")
+            self.position += match.end()
+            written = match.group(0)
+        else:
+            return ""
+        if self.peek("?"):
+            self.position += 1
+            written += "?"
+        if self.peek("*") or self.peek("+") or self.peek("?") or self.quantifier_ahead():
+            self.fail("Nothing to repeat")
+        return written
+
+    def atom(self) -> str:
+        char = self.source[self.position]
+        if char == ".":
+            self.position += 1
+            return "[^\\n\\r\\u2028\\u2029]"
+        if char == "(":
+            return self.group()
+        if char == "[":
+            return self.character_class()
+        if char == "\\":
+            return self.atom_escape()
+        if char in "*+?":
+            self.fail("Nothing to repeat")
+        if char == "{":
+            if self.unicode or self.quantifier_ahead():
+                self.fail("Nothing to repeat" if self.quantifier_ahead() else
+                          "Lone quantifier brackets")
+        if char in "}]" and self.unicode:
+            self.fail("Lone quantifier brackets")
+        return self.literal()
+
+    def literal(self) -> str:
+        code = self.code_point_here()
+        return _class_char(code)
+
+    def code_point_here(self) -> int:
+        """The source character here, a surrogate pair counted as one code point in u mode."""
+        char = self.source[self.position]
+        self.position += 1
+        return ord(char)
+
+    def group(self) -> str:
+        self.position += 1
+        if self.peek("?:"):
+            self.position += 2
+            opening = "(?:"
+        elif self.peek("?<"):
+            end = self.source.find(">", self.position)
+            name = self.source[self.position + 2:end] if end > 0 else ""
+            if not re.match(r"[A-Za-z_$][A-Za-z0-9_$]*\Z", name):
+                self.fail("Invalid capture group name")
+            if self._python_group_name(name) in self.names_seen:
+                self.fail("Duplicate capture group name")
+            self.names_seen.add(self._python_group_name(name))
+            self.position = end + 1
+            opening = f"(?P<{self._python_group_name(name)}>"
+        elif self.peek("?"):
+            self.fail("Invalid group")
+        else:
+            opening = "("
+        number = None
+        if opening != "(?:":
+            self.groups_opened += 1
+            number = self.groups_opened
+        inner = self.disjunction()
+        if not self.peek(")"):
+            self.fail("Unterminated group")
+        self.position += 1
+        if number is not None:
+            self.groups_closed.add(number)
+            if opening != "(":
+                self.groups_closed.add(opening[4:-1])
+        return f"{opening}{inner})"
+
+    @staticmethod
+    def _python_group_name(name: str) -> str:
+        return "g_" + name.replace("$", "_S")
+
+    def atom_escape(self) -> str:
+        self.position += 1
+        if self.at_end():
+            self.fail("\\ at end of pattern")
+        char = self.source[self.position]
+        if char in "123456789":
+            match = re.match(r"\d+", self.source[self.position:])
+            number = int(match.group(0))
+            if number <= self.group_count:
+                self.position += match.end()
+                # A group that has not matched (or is still open) matches "" in ECMAScript.
+                if number not in self.groups_closed:
+                    return "(?:)"
+                return f"(?({number})\\{number})"
+            if self.unicode:
+                self.fail("Invalid escape")
+            return _class_char(self.character_escape())
+        if char == "k" and (self.unicode or self.group_names):
+            match = re.match(r"k<([^>]*)>", self.source[self.position:])
+            if not match or match.group(1) not in self.group_names:
+                self.fail("Invalid named reference")
+            self.position += match.end()
+            name = self._python_group_name(match.group(1))
+            if name not in self.groups_closed:
+                return "(?:)"
+            return f"(?({name})(?P={name}))"
+        escaped = self.class_escape_set()
+        if escaped is not None:
+            positive, negated = escaped
+            return f"[{'^' if negated else ''}{positive}]" if positive else (
+                "[\\s\\S]" if negated else "(?!)")
+        return _class_char(self.character_escape())
+
+    def class_escape_set(self) -> Optional[Tuple[str, bool]]:
+        """``\\d \\D \\w \\W \\s \\S \\p{..} \\P{..}`` here (after the backslash): the class body
+        and whether it is negated; None when the escape is a single character."""
+        char = self.source[self.position]
+        if char.lower() in _CLASS_ESCAPES:
+            self.position += 1
+            return _CLASS_ESCAPES[char.lower()], char.isupper()
+        if char in "pP" and self.unicode:
+            match = re.match(r"[pP]\{([^}]*)\}", self.source[self.position:])
+            if not match:
+                self.fail("Invalid property name")
+            self.position += match.end()
+            return self.property_ranges(match.group(1)), char == "P"
+        return None
+
+    def character_escape(self) -> int:
+        """A CharacterEscape here (after the backslash), as its code point."""
+        source, char = self.source, self.source[self.position]
+        self.position += 1
+        if char in _CONTROL_ESCAPES:
+            return ord(_CONTROL_ESCAPES[char])
+        if char == "c":
+            if self.position < len(source) and source[self.position].isascii() and \
+                    source[self.position].isalpha():
+                self.position += 1
+                return ord(source[self.position - 1]) % 32
+            if self.unicode:
+                self.fail("Invalid unicode escape")
+            self.position -= 1
+            return ord("\\")
+        if char == "0" and not (self.position < len(source) and source[self.position].isdigit()):
+            return 0
+        if char == "x":
+            match = re.match(r"[0-9A-Fa-f]{2}", source[self.position:])
+            if match:
+                self.position += 2
+                return int(match.group(0), 16)
+            if self.unicode:
+                self.fail("Invalid escape")
+            return ord("x")
+        if char == "u":
+            return self.unicode_escape()
+        if not self.unicode:
+            if char.isdigit():  # Annex B legacy octal escapes, such as \07
+                match = re.match(r"[0-7]{1,3}", source[self.position - 1:])
+                if match and int(match.group(0), 8) < 256:
+                    self.position += match.end() - 1
+                    return int(match.group(0), 8)
+            return ord(char)
+        if char in _SYNTAX_CHARACTERS:
+            return ord(char)
+        self.fail("Invalid escape")
+
+    def unicode_escape(self) -> int:
+        source = self.source
+        if self.unicode and self.peek("{"):
+            match = re.match(r"\{([0-9A-Fa-f]+)\}", source[self.position:])
+            if not match or int(match.group(1), 16) > 0x10FFFF:
+                self.fail("Invalid Unicode escape")
+            self.position += match.end()
+            return int(match.group(1), 16)
+        match = re.match(r"[0-9A-Fa-f]{4}", source[self.position:])
+        if not match:
+            if self.unicode:
+                self.fail("Invalid Unicode escape")
+            return ord("u")
+        self.position += 4
+        code = int(match.group(0), 16)
+        if self.unicode and 0xD800 <= code < 0xDC00:  # \uD83D\uDE00: one code point in u mode
+            low = re.match(r"\\u(d[c-f][0-9a-f]{2})", source[self.position:], re.IGNORECASE)
+            if low:
+                self.position += 6
+                return 0x10000 + ((code - 0xD800) << 10) + (int(low.group(1), 16) - 0xDC00)
+        return code
+
+    def character_class(self) -> str:
+        self.position += 1
+        negated = self.peek("^")
+        if negated:
+            self.position += 1
+        singles: List[str] = []  # re class body pieces: characters, ranges, positive sets
+        excluded: List[str] = []  # bodies of negated sets inside the class (\D, \S, \W, \P{..})
+        while True:
+            if self.at_end():
+                self.fail("Unterminated character class")
+            if self.peek("]"):
+                self.position += 1
+                break
+            start = self.class_atom()
+            if self.peek("-") and not self.source.startswith("]", self.position + 1) and \
+                    self.position + 1 < len(self.source):
+                self.position += 1
+                end = self.class_atom()
+                if isinstance(start, tuple) or isinstance(end, tuple):
+                    if self.unicode:
+                        self.fail("Invalid character class")
+                    for atom in (start, end):  # Annex B: [\d-z] is \d, "-" and z
+                        self.add_class_atom(atom, singles, excluded)
+                    singles.append("\\-")
+                    continue
+                if end < start:
+                    self.fail("Range out of order in character class")
+                singles.append(f"{_class_char(start)}-{_class_char(end)}")
+                continue
+            self.add_class_atom(start, singles, excluded)
+        body = "".join(singles)
+        parts = ([f"[{body}]"] if body else []) + [f"[^{part}]" for part in excluded]
+        if not parts:
+            return "[\\s\\S]" if negated else "(?!)"
+        union = parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
+        if negated:
+            if not excluded:
+                return f"[^{body}]"
+            return f"(?:(?!{union})[\\s\\S])"
+        return union
+
+    @staticmethod
+    def add_class_atom(atom, singles: list, excluded: list):
+        if isinstance(atom, tuple):
+            body, negated = atom
+            (excluded if negated else singles).append(body)
+        else:
+            singles.append(_class_char(atom))
+
+    def class_atom(self):
+        """One class member: a code point, or (body, negated) for a class escape."""
+        if not self.peek("\\"):
+            return self.code_point_here()
+        self.position += 1
+        if self.at_end():
+            self.fail("\\ at end of pattern")
+        char = self.source[self.position]
+        if char == "b":
+            self.position += 1
+            return 8
+        if char == "-" and self.unicode:
+            self.position += 1
+            return ord("-")
+        escaped = self.class_escape_set()
+        if escaped is not None:
+            return escaped
+        if not self.unicode and char in "123456789":
+            return self.character_escape()
+        if not self.unicode and char == "k":
+            self.position += 1
+            return ord("k")
+        return self.character_escape()
+
+    def property_ranges(self, name: str) -> str:
+        """The re class body of ``\\p{name}``, from unicodedata (its Unicode version, not
+        Node's)."""
+        if name.startswith(_SCRIPT_PREFIXES):
+            raise PatternError(f"\\p{{{name}}}: Unicode scripts cannot be checked here "
+                               f"(Python's unicodedata has no Script property)")
+        if name.startswith(("General_Category=", "gc=")):
+            name = name.partition("=")[2]
+            key = _CATEGORY_ALIASES.get(name)
+        else:
+            key = _CATEGORY_ALIASES.get(name) or _BINARY_PROPERTIES.get(name)
+        if key is None:
+            raise PatternError(f"Invalid regular expression: /{self.source}/: Invalid property "
+                               f"name (or one this check does not know: {name})")
+        if key not in self.categories:
+            self.categories[key] = _unicode_set(key, self.categories)
+        return self.categories[key]
+
+
+_FIXED_SETS = {"Any": "\\x00-\\U0010ffff", "ASCII": "\\x00-\\x7f", "AHex": "0-9A-Fa-f",
+               "space": _JS_SPACE.replace(r"\ufeff", r"\x85")}  # Unicode's White_Space
+
+
+def _category_ranges() -> Dict[str, List[Tuple[int, int]]]:
+    """Every code point's general category, as ranges, in one pass. Planes 4 to 13 hold nothing
+    yet and planes 15 and 16 are private use, so they are not asked one by one."""
+    ranges: Dict[str, List[Tuple[int, int]]] = {}
+    current, start = None, 0
+    for code in list(range(0x40000)) + list(range(0xE0000, 0xF0000)):
+        category = unicodedata.category(chr(code))
+        if category != current or code != end + 1:
+            if current is not None:
+                ranges.setdefault(current, []).append((start, end))
+            current, start = category, code
+        end = code
+    ranges.setdefault(current, []).append((start, end))
+    ranges["Cn"] += [(0x40000, 0xDFFFF), (0xFFFFE, 0xFFFFF), (0x10FFFE, 0x10FFFF)]
+    ranges["Co"] = ranges.get("Co", []) + [(0xF0000, 0xFFFFD), (0x100000, 0x10FFFD)]
+    return ranges
+
+
+def _unicode_set(key: str, cache: dict) -> str:
+    """The re class body of one \\p{..} key (a general category or binary property)."""
+    if key in _FIXED_SETS:
+        return _FIXED_SETS[key]
+    if "ranges" not in cache:
+        cache["ranges"] = _category_ranges()
+    ranges = cache["ranges"]
+    if key == "Assigned":
+        names = [name for name in ranges if name != "Cn"]
+    elif key == "LC":
+        names = ["Lu", "Ll", "Lt"]
+    else:
+        names = [name for name in ranges if name.startswith(key)]
+    merged = sorted(pair for name in names for pair in ranges.get(name, ()))
+    return "".join(_class_char(low) if low == high else f"{_class_char(low)}-{_class_char(high)}"
+                   for low, high in merged)
+
+
+def compile_pattern(source: str, categories: dict):
+    """An ECMAScript pattern with the u flag, as a compiled re; PatternError when Ajv would refuse
+    it or re cannot run it (a lookbehind of varying length, a repetition count above re's limit)."""
+    python = _PatternParser(source, True, categories).translate()
+    try:
+        return re.compile(python, re.ASCII)
+    except (re.error, OverflowError, RecursionError) as error:
+        raise PatternError(f"pattern /{source}/ cannot be checked here: {error}") from None
+
+
+def is_ecmascript_regex(source: str) -> bool:
+    """Whether ``new RegExp(source)`` compiles (no flags): ajv-formats' "regex" format."""
+    try:
+        _PatternParser(source, False, {}).translate()
+    except PatternError:
+        return False
+    return True
+
+
+# -- Formats, as ajv-formats asserts them ----------------------------------------------------------
+
+# rudder-transformer calls ``addFormats(ajv)`` with no options: ajv-formats' "full" mode
+# (ajv-formats 2.1.1, src/formats.ts, ``fullFormats``). Its checks are regular expressions and a few
+# functions, looser than the RFCs in places, and rudder-transformer's own tests rely on that (a
+# date-time without an offset is valid). Each is rebuilt here from its grammar: ``_Z`` is the end of
+# the text (ECMAScript's ``$``), classes spell out both letter cases where ajv-formats uses the
+# ``i`` flag, and ``\d``, ``\s`` are ECMAScript's.
+
+_Z = r"\Z"
+_HEX = "[0-9A-Fa-f]"
+_PERCENT = f"%{_HEX}{{2}}"
+_DEC_OCTET = "(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)"  # "01" and "001" pass, as in ajv-formats
+_IPV4 = rf"(?:{_DEC_OCTET}\.){{3}}{_DEC_OCTET}"
+_H16 = f"{_HEX}{{1,4}}"
+_LS32 = f"(?:{_H16}:{_H16}|{_IPV4})"
+_IPV6 = "(?:" + "|".join((  # RFC 3986 IPv6address, as ajv-formats' URI expression arranges it
+    f"(?:(?:{_H16}:){{6}}"
+    f"|::(?:{_H16}:){{5}}"
+    f"|(?:{_H16})?::(?:{_H16}:){{4}}"
+    f"|(?:(?:{_H16}:){{0,1}}{_H16})?::(?:{_H16}:){{3}}"
+    f"|(?:(?:{_H16}:){{0,2}}{_H16})?::(?:{_H16}:){{2}}"
+    f"|(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:"
+    f"|(?:(?:{_H16}:){{0,4}}{_H16})?::){_LS32}",
+    f"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}",
+    f"(?:(?:{_H16}:){{0,6}}{_H16})?::",
+)) + ")"
+_SUB_DELIMS = "!$&'()*+,;="
+
+
+def _uri_expression(quote: str, scheme_required: bool) -> str:
+    """ajv-formats' "uri" (``quote`` "", scheme required, a hierarchical part required) and
+    "string" (``quote`` '"': it lets a double quote into host names, paths, queries and
+    fragments; scheme and hierarchical part optional). Both accept "scheme:/host" (one slash before
+    an authority) and no empty path after a bare scheme."""
+    unreserved = "A-Za-z0-9\\-._~"
+    userinfo = f"(?:[{unreserved}{_SUB_DELIMS}:]|{_PERCENT})*@"
+    ip_literal = rf"\[(?:{_IPV6}|[Vv]{_HEX}+\.[{unreserved}{_SUB_DELIMS}:]+)\]"
+    reg_name = f"(?:[{unreserved}{_SUB_DELIMS}{quote}]|{_PERCENT})*"
+    pchar = f"(?:[{unreserved}{_SUB_DELIMS}{quote}:@]|{_PERCENT})"
+    segments = f"(?:/{pchar}*)*"
+    authority_path = f"/?/(?:{userinfo})?(?:{ip_literal}|{_IPV4}|{reg_name})(?::[0-9]*)?{segments}"
+    hierarchical = f"(?:{authority_path}|/(?:{pchar}+{segments})?|{pchar}+{segments})"
+    query_or_fragment = f"(?:[{unreserved}{_SUB_DELIMS}{quote}:@/?]|{_PERCENT})*"
+    scheme = "(?:[A-Za-z][A-Za-z0-9+\\-.]*:)"
+    optional = "" if scheme_required else "?"
+    return (f"{scheme}{optional}{hierarchical}{optional}"
+            f"(?:\\?{query_or_fragment})?(?:#{query_or_fragment})?{_Z}")
+
+
+_DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})\Z")
+_TIME = re.compile(
+    r"([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?([zZ]|[+-][0-9]{2}(?::?[0-9]{2})?)?\Z")
+_DATE_TIME_SEPARATOR = re.compile(f"[tT{_JS_SPACE}]")
+_DAYS_IN_MONTH = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_URI = re.compile(_uri_expression("", True))
+_URI_REFERENCE = re.compile(_uri_expression('"', False))
+_URL_NAME = "[A-Za-z0-9\u00a1-\uffff]+"
+_URL_TLD = r"(?:\.[A-Za-z\u00a1-\uffff]{2,})"
+_URL_OCTET_LAST = r"(?:[1-9][0-9]?|1[0-9][0-9]|2[0-4][0-9]|25[0-4])"
+_URL = re.compile(  # "url": http(s) or ftp, a public IPv4 address or a name with a top-level domain
+    rf"(?i:https?|ftp)://(?:\S+(?::\S*)?@)?".replace(r"\S", f"[^{_JS_SPACE}]")
+    + r"(?:(?!(?:10|127)(?:\.[0-9]{1,3}){3})(?!(?:169\.254|192\.168)(?:\.[0-9]{1,3}){2})"
+    r"(?!172\.(?:1[6-9]|2[0-9]|3[0-1])(?:\.[0-9]{1,3}){2})"
+    r"(?:[1-9][0-9]?|1[0-9][0-9]|2[01][0-9]|22[0-3])"
+    r"(?:\.(?:1?[0-9]{1,2}|2[0-4][0-9]|25[0-5])){2}"
+    rf"(?:\.{_URL_OCTET_LAST})"
+    rf"|(?:(?:{_URL_NAME}-)*{_URL_NAME})(?:\.(?:{_URL_NAME}-)*{_URL_NAME})*{_URL_TLD})"
+    rf"(?::[0-9]{{2,5}})?(?:/[^{_JS_SPACE}]*)?{_Z}")
+_EMAIL_ATOM = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_EMAIL = re.compile(rf"{_EMAIL_ATOM}(?:\.{_EMAIL_ATOM})*@(?:{_LABEL}\.)+{_LABEL}{_Z}")
+_HOST_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(
+    rf"(?=[^\n\r\u2028\u2029]{{1,253}}\.?{_Z}){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?{_Z}")
+_IPV4_FORMAT = re.compile(_IPV4 + _Z)
+_IPV6_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # no leading zeros, unlike _IPV4
+_IPV6_V4 = rf"{_IPV6_OCTET}(?:\.{_IPV6_OCTET}){{3}}"
+_IPV6_FORMAT = re.compile("(?:" + "|".join((  # ajv-formats' "ipv6": RFC 4291 text forms
+    rf"(?:(?:{_H16}:){{7}}(?:{_H16}|:))",
+    rf"(?:(?:{_H16}:){{6}}(?::{_H16}|{_IPV6_V4}|:))",
+    rf"(?:(?:{_H16}:){{5}}(?:(?:(?::{_H16}){{1,2}})|:{_IPV6_V4}|:))",
+    rf"(?:(?:{_H16}:){{4}}(?:(?:(?::{_H16}){{1,3}})|(?:(?::{_H16})?:{_IPV6_V4})|:))",
+    rf"(?:(?:{_H16}:){{3}}(?:(?:(?::{_H16}){{1,4}})|(?:(?::{_H16}){{0,2}}:{_IPV6_V4})|:))",
+    rf"(?:(?:{_H16}:){{2}}(?:(?:(?::{_H16}){{1,5}})|(?:(?::{_H16}){{0,3}}:{_IPV6_V4})|:))",
+    rf"(?:(?:{_H16}:){{1}}(?:(?:(?::{_H16}){{1,6}})|(?:(?::{_H16}){{0,4}}:{_IPV6_V4})|:))",
+    rf"(?::(?:(?:(?::{_H16}){{1,7}})|(?:(?::{_H16}){{0,5}}:{_IPV6_V4})|:))",
+)) + ")" + _Z)
+_UUID = re.compile(
+    rf"(?:[uU][rR][nN]:[uU][uU][iI][dD]:)?{_HEX}{{8}}-(?:{_HEX}{{4}}-){{3}}{_HEX}{{12}}{_Z}")
+_POINTER_TOKENS = r"(?:/(?:[^~/]|~0|~1)*)*"
+_JSON_POINTER = re.compile(_POINTER_TOKENS + _Z)
+_RELATIVE_JSON_POINTER = re.compile(rf"(?:0|[1-9][0-9]*)(?:#|{_POINTER_TOKENS}){_Z}")
+_POINTER_FRAGMENT = re.compile(
+    rf"#(?:/(?:[A-Za-z0-9_\-.!$&'()*+,;:=@]|{_PERCENT}|~0|~1)*)*{_Z}")
+_URI_TEMPLATE_NAME = rf"(?:[A-Za-z0-9_]|{_PERCENT})+(?::[1-9][0-9]{{0,3}}|\*)?"
+_URI_TEMPLATE = re.compile(
+    rf"(?:[^\x00-\x20\"'<>%\\^`{{|}}]|{_PERCENT}"
+    rf"|\{{[+#./;?&=,!@|]?{_URI_TEMPLATE_NAME}(?:,{_URI_TEMPLATE_NAME})*\}})*{_Z}")
+_DURATION = re.compile(  # "P", not empty; years to days then T and hours to seconds, or weeks
+    r"P(?!\Z)(?:(?:[0-9]+Y)?(?:[0-9]+M)?(?:[0-9]+D)?(?:T(?=[0-9])(?:[0-9]+H)?(?:[0-9]+M)?"
+    r"(?:[0-9]+S)?)?|(?:[0-9]+W)?)\Z")
+# "byte" is a regular expression with the m flag, searched: one line of base64 (or one empty line,
+# such as the end after a final line break) is enough. ECMAScript's line terminators are four.
+_LINE_START, _LINE_END = r"(?<![^\n\r\u2028\u2029])", r"(?![^\n\r\u2028\u2029])"
+_BYTE = re.compile(
+    _LINE_START + r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?" + _LINE_END)
+
+
+def _is_leap_year(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+def _is_date(text: str) -> bool:
+    """ajv-formats "date": YYYY-MM-DD with a real day of that month."""
+    match = _DATE.match(text)
+    if not match:
+        return False
+    year, month, day = (int(part) for part in match.groups())
+    return 1 <= month <= 12 and 1 <= day <= (
+        29 if month == 2 and _is_leap_year(year) else _DAYS_IN_MONTH[month])
+
+
+def _is_time(text: str) -> bool:
+    """ajv-formats "time": HH:MM:SS[.frac][offset]; the offset is optional (even inside date-time)
+    and not range-checked; a leap second only as 23:59:60, whatever the offset."""
+    match = _TIME.match(text)
+    if not match:
+        return False
+    hour, minute, second = (int(part) for part in match.groups()[:3])
+    return (hour <= 23 and minute <= 59 and second <= 59) or (hour, minute, second) == (23, 59, 60)
+
+
+def _is_date_time(text: str) -> bool:
+    """ajv-formats "date-time": a date and a time split at one "T", "t" or white space."""
+    parts = _DATE_TIME_SEPARATOR.split(text)
+    return len(parts) == 2 and _is_date(parts[0]) and _is_time(parts[1])
+
+
+def _is_uri(text: str) -> bool:
+    """ajv-formats "uri": it must hold a "/" or ":" and match the URI grammar with a scheme."""
+    return ("/" in text or ":" in text) and _URI.match(text) is not None
+
+
+def _is_regex(text: str) -> bool:
+    """ajv-formats "regex": compiles as an ECMAScript expression (no flags), with no ``\\Z``."""
+    return re.search(r"[^\\]\\Z", text) is None and is_ecmascript_regex(text)
+
+
+def _matches(expression) -> Callable[[str], bool]:
+    return lambda text: expression.match(text) is not None
+
+
+def _is_int32(number) -> bool:
+    return _is_integer(number) and -(2 ** 31) <= number <= 2 ** 31 - 1
+
+
+class Format(NamedTuple):
+    """One ajv-formats format: the data type it checks (others pass) and its test; ``test`` None
+    means known but checking nothing (``password``, ``binary``, ``float``, ``double``)."""
+
+    data_type: str
+    test: Optional[Callable]
+
+
+#: ajv-formats' "full" formats, in its order. The number formats check numbers only.
+FORMATS = {
+    "date": Format("string", _is_date),
+    "time": Format("string", _is_time),
+    "date-time": Format("string", _is_date_time),
+    "duration": Format("string", _matches(_DURATION)),
+    "uri": Format("string", _is_uri),
+    "uri-reference": Format("string", _matches(_URI_REFERENCE)),
+    "uri-template": Format("string", _matches(_URI_TEMPLATE)),
+    "url": Format("string", _matches(_URL)),
+    "email": Format("string", _matches(_EMAIL)),
+    "hostname": Format("string", _matches(_HOSTNAME)),
+    "ipv4": Format("string", _matches(_IPV4_FORMAT)),
+    "ipv6": Format("string", _matches(_IPV6_FORMAT)),
+    "regex": Format("string", _is_regex),
+    "uuid": Format("string", _matches(_UUID)),
+    "json-pointer": Format("string", _matches(_JSON_POINTER)),
+    "json-pointer-uri-fragment": Format("string", _matches(_POINTER_FRAGMENT)),
+    "relative-json-pointer": Format("string", _matches(_RELATIVE_JSON_POINTER)),
+    "byte": Format("string", lambda text: _BYTE.search(text) is not None),
+    "int32": Format("number", _is_int32),
+    "int64": Format("number", _is_integer),
+    "float": Format("number", None),
+    "double": Format("number", None),
+    "password": Format("string", None),
+    "binary": Format("string", None),
+}
+
+
+def _compare_dates(left: str, right: str):
+    """ajv-formats' compareDate: plain string order; None (undefined) when either is empty."""
+    if not (left and right):
+        return None
+    return (left > right) - (left < right)
+
+
+def _compare_times(left: str, right: str):
+    """ajv-formats' compareTime: hours, minutes, seconds and fraction as one string; the offset is
+    ignored; None when either does not look like a time."""
+    if not (left and right):
+        return None
+    first, second = _TIME.match(left), _TIME.match(right)
+    if not (first and second):
+        return None
+    left_key = "".join(first.group(1, 2, 3)) + (first.group(4) or "")
+    right_key = "".join(second.group(1, 2, 3)) + (second.group(4) or "")
+    return (left_key > right_key) - (left_key < right_key)
+
+
+def _compare_date_times(left: str, right: str):
+    """ajv-formats' compareDateTime: the dates, then the times."""
+    if not (left and right):
+        return None
+    left_parts = _DATE_TIME_SEPARATOR.split(left) + [""]
+    right_parts = _DATE_TIME_SEPARATOR.split(right) + [""]
+    order = _compare_dates(left_parts[0], right_parts[0])
+    if order is None:
+        return None
+    return order or _compare_times(left_parts[1], right_parts[1])
+
+
+#: The formats whose values formatMaximum and its kin can compare (ajv-formats' ``compare``).
+FORMAT_COMPARISONS = {"date": _compare_dates, "time": _compare_times,
+                      "date-time": _compare_date_times}
+
+
+# -- What Ajv refuses before compiling: the meta-schema --------------------------------------------
+
+# Ajv validates a rule against its meta-schema before compiling it (core.ts, ``validateSchema``):
+# the one its ``$schema`` names, else draft 2019-09's (draft-04's for ajv-draft-04), and refuses a
+# rule that fails. Only keyword values are checked there, and which keywords differs: draft-07 does
+# not know ``dependentRequired`` or ``$defs``, draft-04 wants every subschema to be an object.
+# Formats are not asserted there (Ajv copies its options for meta-schemas while ``validateFormats``
+# is off), so "uri", "uri-reference" and "regex" values need only be strings.
+# Each check returns a reason, or None when the value is fine.
+
+
+def _meta_string_array(value, at_least: int = 0) -> Optional[str]:
+    if type(value) is not list or not all(type(item) is str for item in value):
+        return "must be an array of strings"
+    if len(value) < at_least:
+        return f"must have at least {at_least} item"
+    return "must not repeat an item" if len(set(value)) != len(value) else None
+
+
+def _meta_unique(value: list) -> bool:
+    return not any(json_equal(value[i], value[j])
+                   for i in range(len(value)) for j in range(i))
+
+
+def _meta_non_negative_integer(value) -> Optional[str]:
+    return None if _is_integer(value) and value >= 0 else "must be an integer >= 0"
+
+
+def _meta_types(value) -> Optional[str]:
+    names = ("array", "boolean", "integer", "null", "number", "object", "string")
+    if type(value) is str:
+        return None if value in names else f"{value!r} is not a JSON type"
+    if type(value) is list and value and all(type(item) is str and item in names
+                                             for item in value) and _meta_unique(value):
+        return None
+    return "must be a JSON type or a non-empty array of distinct JSON types"
+
+
+_META_CHECKS: Dict[str, Callable] = {
+    "string": lambda value: None if type(value) is str else "must be a string",
+    "boolean": lambda value: None if type(value) is bool else "must be a boolean",
+    "number": lambda value: None if _is_number(value) else "must be a number",
+    "positive": lambda value: None if _is_number(value) and value > 0 else "must be a number > 0",
+    "count": _meta_non_negative_integer,
+    "array": lambda value: None if type(value) is list else "must be an array",
+    "choices": lambda value: None if type(value) is list and value and _meta_unique(value) else (
+        "must be a non-empty array of distinct values"),
+    "names": _meta_string_array,
+    "names1": lambda value: _meta_string_array(value, 1),
+    "types": _meta_types,
+    "id": lambda value: None if type(value) is str and re.match(r"[^#]*#?\Z", value) else (
+        "must be a string without a fragment"),
+    "anchor": lambda value: None if type(value) is str and re.match(
+        r"[A-Za-z][-A-Za-z0-9.:_]*\Z", value) else "must be a plain name",
+    "map": lambda value: None if type(value) is dict else "must be an object",
+    "names-map": lambda value: "must be an object" if type(value) is not dict else next(
+        (f"{name!r} {reason}" for name, reason in ((name, _meta_string_array(names))
+                                                    for name, names in value.items()) if reason),
+        None),
+    "vocabulary": lambda value: None if type(value) is dict and all(
+        type(flag) is bool for flag in value.values()) else "must map URIs to booleans",
+}
+# Subschema positions the meta-schema walks into: the value is a schema, a map of schemas, an array
+# of schemas (not empty), a schema or such an array, or a map of schemas or property lists.
+_SUBSCHEMA_KINDS = ("schema", "schemas", "schema-list", "schema-or-list", "dependencies",
+                    "boolean-or-schema")
+_META_2019 = {
+    "$id": "id", "$schema": "string", "$anchor": "anchor", "$ref": "string",
+    "$recursiveRef": "string", "$recursiveAnchor": "boolean", "$vocabulary": "vocabulary",
+    "$comment": "string", "$defs": "schemas", "definitions": "schemas",
+    "dependencies": "dependencies",
+    "additionalItems": "schema", "unevaluatedItems": "schema", "items": "schema-or-list",
+    "contains": "schema", "additionalProperties": "schema", "unevaluatedProperties": "schema",
+    "properties": "schemas", "patternProperties": "schemas", "dependentSchemas": "schemas",
+    "propertyNames": "schema", "if": "schema", "then": "schema", "else": "schema",
+    "allOf": "schema-list", "anyOf": "schema-list", "oneOf": "schema-list", "not": "schema",
+    "multipleOf": "positive", "maximum": "number", "exclusiveMaximum": "number",
+    "minimum": "number", "exclusiveMinimum": "number", "maxLength": "count", "minLength": "count",
+    "pattern": "string", "maxItems": "count", "minItems": "count", "uniqueItems": "boolean",
+    "maxContains": "count", "minContains": "count", "maxProperties": "count",
+    "minProperties": "count", "required": "names", "dependentRequired": "names-map",
+    "enum": "array",
+    "type": "types", "title": "string", "description": "string", "deprecated": "boolean",
+    "readOnly": "boolean", "writeOnly": "boolean", "examples": "array", "format": "string",
+    "contentMediaType": "string", "contentEncoding": "string", "contentSchema": "schema",
+}
+_META_DRAFT7 = {
+    "$id": "string", "$schema": "string", "$ref": "string", "$comment": "string",
+    "title": "string", "description": "string", "readOnly": "boolean", "examples": "array",
+    "multipleOf": "positive", "maximum": "number", "exclusiveMaximum": "number",
+    "minimum": "number", "exclusiveMinimum": "number", "maxLength": "count", "minLength": "count",
+    "pattern": "string", "additionalItems": "schema", "items": "schema-or-list",
+    "maxItems": "count",
+    "minItems": "count", "uniqueItems": "boolean", "contains": "schema", "maxProperties": "count",
+    "minProperties": "count", "required": "names", "additionalProperties": "schema",
+    "definitions": "schemas", "properties": "schemas", "patternProperties": "schemas",
+    "dependencies": "dependencies", "propertyNames": "schema", "enum": "choices", "type": "types",
+    "format": "string", "contentMediaType": "string", "contentEncoding": "string", "if": "schema",
+    "then": "schema", "else": "schema", "allOf": "schema-list", "anyOf": "schema-list",
+    "oneOf": "schema-list", "not": "schema",
+}
+_META_DRAFT6 = {keyword: kind for keyword, kind in _META_DRAFT7.items() if keyword not in (
+    "$comment", "readOnly", "contentMediaType", "contentEncoding", "if", "then", "else")}
+_META_DRAFT4 = {
+    "id": "string", "$schema": "string", "title": "string", "description": "string",
+    "multipleOf": "positive", "maximum": "number", "exclusiveMaximum": "boolean",
+    "minimum": "number", "exclusiveMinimum": "boolean", "maxLength": "count", "minLength": "count",
+    "pattern": "string", "additionalItems": "boolean-or-schema", "items": "schema-or-list",
+    "maxItems": "count",
+    "minItems": "count", "uniqueItems": "boolean", "maxProperties": "count",
+    "minProperties": "count", "required": "names1", "additionalProperties": "boolean-or-schema",
+    "definitions": "schemas", "properties": "schemas", "patternProperties": "schemas",
+    "dependencies": "dependencies", "enum": "choices", "type": "types", "allOf": "schema-list",
+    "anyOf": "schema-list", "oneOf": "schema-list", "not": "schema",
+}
+
+
+class _MetaSchema(NamedTuple):
+    """One meta-schema Ajv can validate a rule against, as the checks above."""
+
+    name: str
+    keywords: Dict[str, str]
+    boolean_schemas: bool  # draft-04 has none: true and false are not schemas there
+
+
+_META_SCHEMAS = {
+    "2019-09": _MetaSchema("draft 2019-09", _META_2019, True),
+    "draft-07": _MetaSchema("draft-07", _META_DRAFT7, True),
+    "draft-06": _MetaSchema("draft-06", _META_DRAFT6, True),
+    "draft-04": _MetaSchema("draft-04", _META_DRAFT4, False),
+}
+# The $schema values each Ajv instance of rudder-transformer knows (with "#" or "#/" at the end or
+# not): Ajv2019 with the draft-06 and draft-07 meta-schemas added, and ajv-draft-04.
+_SCHEMA_URIS = {
+    "https://json-schema.org/draft/2019-09/schema": "2019-09",
+    "http://json-schema.org/schema": "2019-09",
+    "http://json-schema.org/draft-07/schema": "draft-07",
+    "http://json-schema.org/draft-06/schema": "draft-06",
+}
+_SCHEMA_URIS.update({f"https://json-schema.org/draft/2019-09/meta/{vocabulary}": "2019-09"
+                     for vocabulary in ("core", "applicator", "validation", "meta-data", "format",
+                                        "content")})
+_DRAFT4_URIS = {"http://json-schema.org/draft-04/schema": "draft-04",
+                "http://json-schema.org/schema": "draft-04"}
+
+
+def _meta_problem(schema, meta: _MetaSchema, pointer: str) -> Optional[Tuple[str, str]]:
+    """The first place where ``schema`` fails ``meta``: (JSON pointer, reason), or None."""
+    if type(schema) is not dict:
+        if type(schema) is bool and meta.boolean_schemas:
+            return None
+        return pointer, f"a schema must be an object{' or a boolean' * meta.boolean_schemas}"
+    if meta.name == "draft-04":
+        for exclusive, limit in (("exclusiveMaximum", "maximum"), ("exclusiveMinimum", "minimum")):
+            if exclusive in schema and limit not in schema:
+                return f"{pointer}/{exclusive}", f'needs "{limit}" beside it (draft-04)'
+    for keyword, value in schema.items():
+        kind = meta.keywords.get(keyword)
+        if kind is None:
+            continue
+        at = f"{pointer}/{pointer_token(keyword)}"
+        if kind not in _SUBSCHEMA_KINDS:
+            reason = _META_CHECKS[kind](value)
+            if reason:
+                return at, f"{keyword} {reason} ({meta.name} meta-schema)"
+            continue
+        found = _meta_subschemas(keyword, value, kind, meta, at)
+        if found:
+            return found
+    return None
+
+
+def _meta_subschemas(keyword: str, value, kind: str, meta: _MetaSchema, at: str):
+    if kind == "boolean-or-schema" and type(value) is bool:  # draft-04 additionalProperties/Items
+        return None
+    if kind in ("schema", "boolean-or-schema") or (
+            kind == "schema-or-list" and type(value) is not list):
+        return _meta_problem(value, meta, at)
+    if kind in ("schema-list", "schema-or-list"):
+        if type(value) is not list or not value:
+            return at, f"{keyword} must be a non-empty array of schemas ({meta.name} meta-schema)"
+        for index, item in enumerate(value):
+            found = _meta_problem(item, meta, f"{at}/{index}")
+            if found:
+                return found
+        return None
+    if type(value) is not dict:
+        return at, f"{keyword} must be an object ({meta.name} meta-schema)"
+    for name, item in value.items():
+        item_at = f"{at}/{pointer_token(name)}"
+        if kind == "dependencies" and type(item) is list:
+            reason = _meta_string_array(item, 1 if meta.name == "draft-04" else 0)
+            if reason:
+                return item_at, f"dependencies {reason} ({meta.name} meta-schema)"
+            continue
+        found = _meta_problem(item, meta, item_at)
+        if found:
+            return found
+    return None
+
+
+# -- The compiler: one rule into closures, keyword by keyword --------------------------------------
+
+# A compiled schema is a closure ``check(data, path, errors, frame) -> bool``:
+#   ``errors`` None asks for the verdict only, stopping where Ajv's code stops without allErrors;
+#   a list asks for every error, as Ajv's allErrors does, appended as ``_Error`` tuples;
+#   ``path`` is the instance path of ``data`` (JSON Pointer), used only when errors are collected;
+#   ``frame`` holds the run-time variables of the current Ajv function (below), or None.
+# ``not`` and the condition of ``if`` ask for the verdict only, as Ajv runs them without errors and
+# without allErrors; an event is first checked that way, and again for its errors if it fails.
+#
+# Ajv tracks which properties and items a schema has "evaluated", for unevaluatedProperties and
+# unevaluatedItems, partly when compiling (names known in advance, or "all") and partly when
+# validating (a variable of the generated function). Which one, and when a variable is merged into
+# another, decides what Ajv reports, sometimes not as the specification would (an ``if`` without
+# ``then`` counts its properties when it fails; a failed ``anyOf`` loses what came before it; a
+# ``patternProperties`` after such a loss throws, and rudder-transformer then lets the event pass).
+# The compiler follows lib/compile/util.ts (``mergeEvaluated``) step by step: compile-time values
+# are frozensets, True or item counts; run-time variables are ``_Slot``s, numbered places in the
+# frame of one function call.
+
+
+class _Error(NamedTuple):
+    """One Ajv error, as rudder-transformer reads it."""
+
+    keyword: str
+    message: str
+    instance_path: str
+    schema_path: str
+    property: Optional[str] = None
+
+
+class _Problem(Exception):
+    """Ajv refuses to compile the rule: where (a JSON Pointer into the plan file) and why."""
+
+    def __init__(self, pointer: str, reason: str):
+        super().__init__(f"{pointer}: {reason}")
+
+
+class _Crash(Exception):
+    """Ajv's generated code throws while validating (rudder-transformer then reports nothing)."""
+
+
+class _Slot:
+    """A run-time variable of Ajv's generated function: the index of a place in the frame."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class _Function:
+    """A function Ajv compiles: the rule itself, or a ``$ref`` target it compiles apart (one that
+    holds a ``$ref`` itself). Its errors' schema paths start again at ``#``."""
+
+    def __init__(self, schema, base: str, pointer: str, anchors: bool):
+        self.schema = schema
+        self.base = base
+        self.pointer = pointer
+        self.anchors = anchors  # frame[0] holds the $recursiveAnchor targets of this validation
+        self.slots = 1 if anchors else 0
+        self.compiled = False
+        self.props = None  # what it evaluated, once compiled: static, or a _Slot read at run time
+        self.items = None
+        self.run = None  # run(data, path, errors, anchors) -> (valid, evaluated props and items)
+
+    def new_slot(self) -> _Slot:
+        self.slots += 1
+        return _Slot(self.slots - 1)
+
+    def new_frame(self, anchors=None) -> Optional[list]:
+        """The run-time variables of one call (None when there are none)."""
+        if not self.slots:
+            return None
+        frame = [None] * self.slots
+        if self.anchors:
+            frame[0] = {} if anchors is None else anchors
+        return frame
+
+    def finish(self, check, props, items):
+        """Make ``run`` once the schema is compiled (recursive calls find it at run time)."""
+        self.compiled, self.props, self.items = True, props, items
+
+        def read(state, frame):
+            if isinstance(state, _Slot):
+                return frame[state.index]
+            return set(state) if isinstance(state, frozenset) else state
+
+        def run(data, path, errors, anchors=None):
+            frame = self.new_frame(anchors)
+            valid = check(data, path, errors, frame)
+            return valid, read(props, frame), read(items, frame)
+
+        self.run = run
+
+
+def _always(data, path, errors, frame) -> bool:
+    return True
+
+
+def _fail(errors, keyword, message, path, schema_path, property=None) -> bool:
+    """Record one error when errors are collected; always False, the verdict of a failed check."""
+    if errors is not None:
+        errors.append(_Error(keyword, message, path, schema_path, property))
+    return False
+
+
+_SKIP_REST = object()  # a verdict "valid, and skip the rest of this group of keywords" (truthy)
+
+
+def _sequence(checks: list):
+    """Checks run one after the other: all of them when errors are collected, else until one fails.
+    The verdict is Ajv's: valid when no error was added."""
+    if any(getattr(check, "skips_rest", False) for check in checks[:-1]):
+        return _sequence_with_skips(tuple(checks))
+    if len(checks) == 1:
+        return checks[0]
+    if len(checks) == 2:
+        first, second = checks
+
+        def check_two(data, path, errors, frame):
+            if errors is None:
+                return first(data, path, None, frame) and second(data, path, None, frame)
+            mark = len(errors)
+            first(data, path, errors, frame)
+            second(data, path, errors, frame)
+            return len(errors) == mark
+
+        return check_two
+    checks = tuple(checks)
+
+    def check_all(data, path, errors, frame):
+        if errors is None:
+            for check in checks:
+                if not check(data, path, None, frame):
+                    return False
+            return True
+        mark = len(errors)
+        for check in checks:
+            check(data, path, errors, frame)
+        return len(errors) == mark
+
+    return check_all
+
+
+def _sequence_with_skips(checks: tuple):
+    """A sequence where, without errors, a check may end the group early as valid."""
+    def check_all(data, path, errors, frame):
+        if errors is None:
+            for check in checks:
+                verdict = check(data, path, None, frame)
+                if verdict is _SKIP_REST:
+                    return True
+                if not verdict:
+                    return False
+            return True
+        mark = len(errors)
+        for check in checks:
+            check(data, path, errors, frame)
+        return len(errors) == mark
+
+    return check_all
+
+
+def _run(operations, frame):
+    for operation in operations:
+        operation(frame)
+
+
+def _type_test(types: List[str]) -> Callable:
+    """One predicate for a list of Ajv types."""
+    if len(types) == 1:
+        return _TYPE_TESTS[types[0]]
+    if all(name in _PYTHON_TYPES for name in types):
+        python_types = frozenset(_PYTHON_TYPES[name] for name in types)
+        return lambda value: type(value) in python_types
+    tests = tuple(_TYPE_TESTS[name] for name in types)
+    return lambda value: any(test(value) for test in tests)
+
+
+class _Cxt:
+    """Ajv's schema compilation context (``SchemaCxt``, ``it``) for one schema object."""
+
+    __slots__ = ("rule", "function", "schema", "path", "pointer", "base", "defined", "props",
+                 "items", "check")
+
+    def __init__(self, rule, function, schema, path, pointer, base, defined):
+        self.rule = rule
+        self.function = function
+        self.schema = schema
+        self.path = path  # Ajv's errSchemaPath: where errors say they come from
+        self.pointer = pointer  # where the schema is in the plan file, for problems
+        self.base = base  # the base URI for $ref
+        self.defined = defined  # Ajv's definedProperties, for strictRequired
+        self.props = None  # evaluated properties: None, frozenset, True or _Slot
+        self.items = None  # evaluated items: None, int, True or _Slot
+
+    def problem(self, keyword: str, reason: str):
+        raise _Problem(f"{self.pointer}/{pointer_token(keyword)}", reason)
+
+    def subschema(self, schema, keyword: str, *tokens, new_data: bool) -> "_Cxt":
+        """Compile a subschema at ``keyword/tokens...``. A subschema of a property or an item
+        (``new_data``) starts a fresh set of defined properties, for its parent too (Ajv's
+        ``dataContextProps`` replaces the parent's set)."""
+        if new_data:
+            self.defined = set()
+        try:
+            path = "/".join([self.path, keyword] + [fragment_token(token) for token in tokens])
+        except UnicodeEncodeError:  # encodeURIComponent throws on a lone surrogate
+            self.problem(keyword, "URI malformed")
+        pointer = "/".join([self.pointer, pointer_token(keyword)] + [pointer_token(str(token))
+                                                                       for token in tokens])
+        child = _Cxt(self.rule, self.function, schema, path, pointer, self.base, self.defined)
+        child.check = _compile_schema(child)
+        return child
+
+    # What a subschema evaluated flows into its parent (lib/compile/util.ts, mergeEvaluated). Each
+    # merge returns the run-time operations it needs, to run where Ajv's generated code does them.
+
+    def merge(self, kind: str, source, to_variable: bool = False) -> list:
+        target = getattr(self, kind)
+        operations = []
+        if target is None:
+            result = source
+        elif isinstance(target, _Slot):
+            operations.append(_MERGES[kind][isinstance(source, _Slot)](source, target))
+            result = target
+        elif isinstance(source, _Slot):
+            operations.append(_MERGES[kind][False](target, source))
+            result = source
+        elif source is True:
+            result = True
+        else:
+            result = source | target if kind == "props" else max(source, target)
+        if to_variable and not isinstance(result, _Slot):
+            slot = self.function.new_slot()
+            operations.append(_initialise(slot, result))
+            result = slot
+        setattr(self, kind, result)
+        return operations
+
+    def merge_evaluated(self, child: "_Cxt", to_variable: bool = False) -> list:
+        if not self.rule.tracking:
+            return []
+        operations = []
+        if self.props is not True and child.props is not None:
+            operations += self.merge("props", child.props, to_variable)
+        if self.items is not True and child.items is not None:
+            operations += self.merge("items", child.items, to_variable)
+        return operations
+
+    def merge_if_valid(self, child: "_Cxt") -> Optional[list]:
+        """Ajv's mergeValidEvaluated: operations to run when the child is valid, or None when Ajv
+        does not merge (and may then skip the remaining branches of an anyOf)."""
+        if self.rule.tracking and (self.props is not True or self.items is not True):
+            return self.merge_evaluated(child, True)
+        return None
+
+
+def _initialise(slot: _Slot, value):
+    index = slot.index
+    if isinstance(value, frozenset):
+        return lambda frame: frame.__setitem__(index, set(value))
+    return lambda frame: frame.__setitem__(index, value)
+
+
+def _merge_props_variables(source: _Slot, target: _Slot):
+    source, target = source.index, target.index
+
+    def operation(frame):
+        into, names = frame[target], frame[source]
+        if into is not True and names is not None:
+            if names is True:
+                frame[target] = True
+            else:
+                if into is None:
+                    into = frame[target] = set()
+                into.update(names)
+
+    return operation
+
+
+def _merge_props_value(value, target: _Slot):
+    target = target.index
+
+    def operation(frame):
+        into = frame[target]
+        if into is not True:
+            if value is True:
+                frame[target] = True
+            else:
+                if into is None:
+                    into = frame[target] = set()
+                into.update(value)
+
+    return operation
+
+
+def _larger_items(into, count):
+    """Ajv's ``to > from ? to : from``, where ``to`` may be undefined (None)."""
+    return into if into is not None and into > count else count
+
+
+def _merge_items_variables(source: _Slot, target: _Slot):
+    source, target = source.index, target.index
+
+    def operation(frame):
+        into, count = frame[target], frame[source]
+        if into is not True and count is not None:
+            frame[target] = True if count is True else _larger_items(into, count)
+
+    return operation
+
+
+def _merge_items_value(value, target: _Slot):
+    target = target.index
+
+    def operation(frame):
+        into = frame[target]
+        if into is not True:
+            frame[target] = True if value is True else _larger_items(into, value)
+
+    return operation
+
+
+#: The run-time merges, by kind and by whether the source is a variable.
+_MERGES = {"props": {True: _merge_props_variables, False: _merge_props_value},
+           "items": {True: _merge_items_variables, False: _merge_items_value}}
+
+
+def _has_rules(rule, schema) -> bool:
+    """Ajv's schemaHasRules: a keyword that checks something (or throws) is present."""
+    if type(schema) is bool:
+        return not schema
+    return any(key in rule.rules for key in schema)
+
+
+def _always_valid(cxt: _Cxt, schema, keyword: str = "") -> bool:
+    """Ajv's alwaysValidSchema: true, {}, or keywords that check nothing; unknown keywords are
+    refused here too (strict mode)."""
+    if type(schema) is bool:
+        return schema
+    pointer = f"{cxt.pointer}/{keyword}" if keyword else cxt.pointer
+    if schema is None:  # Object.keys(null) throws
+        raise _Problem(pointer, "Cannot convert undefined or null to object")
+    if type(schema) in (str, list):  # where a meta-schema lets such a value through (draft-07's
+        if schema:  # dependentSchemas), its indices are unknown keywords ...
+            raise _Problem(f"{pointer}/0", 'unknown keyword "0" (strict mode)')
+        return True
+    if type(schema) is not dict:  # ... and a number has no keys at all: always valid
+        return True
+    _check_unknown_keywords(cxt.rule, schema, pointer)
+    return not _has_rules(cxt.rule, schema)
+
+
+def _check_unknown_keywords(rule, schema: dict, pointer: str):
+    for key in schema:
+        if key not in rule.known:
+            raise _Problem(f"{pointer}/{pointer_token(key)}",
+                           f'unknown keyword "{key}" (strict mode)')
+
+
+def _schema_types(cxt: _Cxt) -> List[str]:
+    """Ajv's getSchemaTypes: ``type`` as a list, with "null" added by ``nullable: true``."""
+    schema = cxt.schema
+    declared = schema.get("type")
+    types = declared if type(declared) is list else ([] if declared is None else [declared])
+    if not all(type(name) is str and name in _TYPE_TESTS for name in types):
+        cxt.problem("type", "type must be a JSON type or a list of them")
+    types = list(types)
+    nullable = schema.get("nullable", _MISSING)
+    if "null" in types:
+        if nullable is False:
+            cxt.problem("nullable", "type null contradicts nullable: false")
+    else:
+        if not types and nullable is not _MISSING:
+            cxt.problem("nullable", '"nullable" cannot be used without "type"')
+        if nullable is True:
+            types.append("null")
+    return types
+
+
+def _false_schema(path: str):
+    schema_path = f"{path}/false schema"
+    return lambda data, at, errors, frame: _fail(errors, "false schema", "boolean schema is false",
+                                                 at, schema_path)
+
+
+def _compile_schema(cxt: _Cxt):
+    """A schema object or boolean as one check (lib/compile/validate/index.ts, subschemaCode)."""
+    schema, rule = cxt.schema, cxt.rule
+    if type(schema) is bool:
+        return _always if schema else _false_schema(cxt.path)
+    if type(schema) is not dict:  # only where no meta-schema looked (see _always_valid)
+        if type(schema) in (str, list) and schema:
+            raise _Problem(f"{cxt.pointer}/0", 'unknown keyword "0" (strict mode)')
+        return _always
+    _check_unknown_keywords(rule, schema, cxt.pointer)
+    if _js_truthy(schema.get("$async")) and schema is not rule.root.schema:
+        raise _Problem(f"{cxt.pointer}/$async", "async schema in sync schema")
+    if not _has_rules(rule, schema):
+        return _always
+    schema_id = schema.get(rule.id_keyword)
+    if schema_id and type(schema_id) is str and schema is not cxt.function.schema:
+        cxt.base = _resolve_uri(cxt.base, schema_id)  # a function's base has its $id already
+    types = _schema_types(cxt)
+    if schema.get("$ref") and not any(key != "$ref" and key in rule.rules for key in schema):
+        return _keyword_ref(cxt, schema["$ref"], None) or _always  # "$ref" alone: nothing else runs
+    # A type error comes first, unless there is one type with keywords for it: then it comes where
+    # that type's keywords would have run (Ajv's coerceAndCheckDataType and groupKeywords).
+    present = {group: [key for key in keywords if key in schema] for group, keywords in rule.groups}
+    type_first = bool(types) and not (len(types) == 1 and present.get(types[0]))
+    declared = schema.get("type")
+    if type(declared) is list and "null" in types and "null" not in declared:
+        declared = declared + ["null"]  # Ajv pushes "null" into the schema's own type array
+    type_message, type_path = "must be " + js_string(declared), f"{cxt.path}/type"
+    any_value, typed = [], []
+    for group, keywords in rule.groups:
+        if not present[group]:
+            continue
+        checks = [check for check in (_KEYWORDS[key](cxt, schema[key], group)
+                                      for key in present[group]) if check is not None]
+        if group is None:
+            any_value = checks
+            continue
+        reports_type = not type_first and types == [group]
+        if checks or reports_type:
+            typed.append(_group_step(group, _sequence(checks) if checks else None,
+                                     reports_type, type_message, type_path))
+    type_step = _type_step(types, type_message, type_path) if type_first else None
+    return _schema_check(type_step, any_value, typed)
+
+
+def _schema_check(type_step, any_value: list, typed: list):
+    """One schema object's checks in Ajv's order: a type error first (when it goes first), the
+    keywords for any value, then each data type's keywords. Without errors it stops where Ajv's
+    generated code stops without allErrors: not at the type error, but after the group of keywords
+    for any value, or at the first failing keyword."""
+    if type_step is None or not any_value:
+        steps = ([] if type_step is None else [type_step]) + any_value + typed
+        return _sequence(steps) if steps else _always
+    any_value, typed = tuple(any_value), tuple(typed)
+    first = type_step
+
+    def check(data, path, errors, frame):
+        if errors is None:
+            type_ok = type_step(data, path, None, frame)
+            for keyword in any_value:
+                if not keyword(data, path, None, frame):
+                    return False
+            if not type_ok:
+                return False
+            for group in typed:
+                if not group(data, path, None, frame):
+                    return False
+            return True
+        mark = len(errors)
+        first(data, path, errors, frame)
+        for keyword in any_value:
+            keyword(data, path, errors, frame)
+        for group in typed:
+            group(data, path, errors, frame)
+        return len(errors) == mark
+
+    return check
+
+
+def _type_step(types: List[str], message: str, schema_path: str):
+    """The type check that comes first. Most rules name JSON types Python tells apart by class
+    alone (every value here comes from json.loads), which needs no call of a test function."""
+    if all(name in _PYTHON_TYPES for name in types):
+        if len(types) == 1:
+            kind = _PYTHON_TYPES[types[0]]
+            return lambda data, path, errors, frame: type(data) is kind or _fail(
+                errors, "type", message, path, schema_path)
+        kinds = frozenset(_PYTHON_TYPES[name] for name in types)
+        return lambda data, path, errors, frame: type(data) in kinds or _fail(
+            errors, "type", message, path, schema_path)
+    test = _type_test(types)
+    return lambda data, path, errors, frame: test(data) or _fail(errors, "type", message, path,
+                                                                  schema_path)
+
+
+def _group_step(group: str, keywords, reports_type: bool, type_message: str, type_path: str):
+    """The keywords of one data type, run when the data has it; else the type error if it is that
+    type's turn to report it."""
+    kind = _PYTHON_TYPES.get(group)
+    test = _TYPE_TESTS[group]
+    if reports_type:
+        def step(data, path, errors, frame):
+            if type(data) is kind if kind else test(data):
+                return keywords is None or keywords(data, path, errors, frame)
+            return _fail(errors, "type", type_message, path, type_path)
+        return step
+    if kind:
+        return lambda data, path, errors, frame: type(data) is not kind or keywords(
+            data, path, errors, frame)
+    return lambda data, path, errors, frame: not test(data) or keywords(data, path, errors, frame)
+
+
+# ---- Keywords for any value -------------------------------------------------------------------
+
+
+def _check_schema_type(cxt: _Cxt, keyword: str, value, *kinds: str):
+    """Ajv's validSchemaType: the keyword's value must be of one of these JSON types."""
+    if not any(_TYPE_TESTS[kind](value) if kind != "number" else (
+            type(value) in (int, float)) for kind in kinds):
+        cxt.problem(keyword, f"{keyword} value must be {' or '.join(kinds)}")
+
+
+def _equal_to(expected) -> Callable:
+    if type(expected) is str:
+        return lambda value: type(value) is str and value == expected
+    return lambda value: json_equal(value, expected)
+
+
+def _keyword_const(cxt: _Cxt, expected, group):
+    equal, schema_path = _equal_to(expected), f"{cxt.path}/const"
+    return lambda data, path, errors, frame: equal(data) or _fail(
+        errors, "const", "must be equal to constant", path, schema_path)
+
+
+def _one_of_values(values: list) -> Callable:
+    """A membership test with JSON equality; strings (the usual enum) by hashing."""
+    strings = frozenset(value for value in values if type(value) is str)
+    others = tuple(value for value in values if type(value) is not str)
+    if not others:
+        return lambda value: type(value) is str and value in strings
+    return lambda value: (type(value) is str and value in strings) or any(
+        json_equal(value, other) for other in others)
+
+
+def _keyword_enum(cxt: _Cxt, values, group):
+    _check_schema_type(cxt, "enum", values, "array")
+    if not values:
+        cxt.problem("enum", "enum must have non-empty array")
+    allowed, schema_path = _one_of_values(values), f"{cxt.path}/enum"
+    return lambda data, path, errors, frame: allowed(data) or _fail(
+        errors, "enum", "must be equal to one of the allowed values", path, schema_path)
+
+
+def _keyword_not(cxt: _Cxt, schema, group):
+    _check_schema_type(cxt, "not", schema, "object", "boolean")
+    schema_path = f"{cxt.path}/not"
+    if _always_valid(cxt, schema, "not"):
+        return lambda data, path, errors, frame: _fail(errors, "not", "must NOT be valid", path,
+                                                       schema_path)
+    subschema = cxt.subschema(schema, "not", new_data=False).check
+    return lambda data, path, errors, frame: not subschema(data, path, None, frame) or _fail(
+        errors, "not", "must NOT be valid", path, schema_path)
+
+
+def _keyword_any_of(cxt: _Cxt, schemas, group):
+    """anyOf (lib/vocabularies/code.ts, validateUnion): each branch's errors, then "must match a
+    schema in anyOf" when none passed; none of them when one did."""
+    _check_schema_type(cxt, "anyOf", schemas, "array")
+    if not cxt.rule.tracking and any(_always_valid(cxt, schema) for schema in schemas):
+        return None
+    branches = []
+    for index, schema in enumerate(schemas):
+        child = cxt.subschema(schema, "anyOf", index, new_data=False)
+        merges = cxt.merge_if_valid(child)
+        branches.append((child.check, merges or (), merges is None))
+    schema_path = f"{cxt.path}/anyOf"
+
+    def check(data, path, errors, frame):
+        mark = 0 if errors is None else len(errors)
+        valid = False
+        for branch, merges, stop_when_valid in branches:
+            passed = branch(data, path, errors, frame)
+            if passed:
+                valid = True
+                if merges:
+                    _run(merges, frame)
+            if stop_when_valid and valid:
+                break
+        if valid:
+            if errors is not None:
+                del errors[mark:]
+            return True
+        return _fail(errors, "anyOf", "must match a schema in anyOf", path, schema_path)
+
+    return check
+
+
+def _keyword_one_of(cxt: _Cxt, schemas, group):
+    """oneOf: Ajv stops at the second passing branch (the later ones are not even run)."""
+    _check_schema_type(cxt, "oneOf", schemas, "array")
+    branches = []
+    for index, schema in enumerate(schemas):
+        if _always_valid(cxt, schema):
+            branches.append((None, ()))
+            continue
+        child = cxt.subschema(schema, "oneOf", index, new_data=False)
+        branches.append((child.check, cxt.merge_evaluated(child, True)))
+    schema_path = f"{cxt.path}/oneOf"
+
+    def check(data, path, errors, frame):
+        mark = 0 if errors is None else len(errors)
+        valid = False
+        for index, (branch, merges) in enumerate(branches):
+            passed = branch is None or branch(data, path, errors, frame)
+            if index and passed and valid:
+                valid = False
+                break
+            if passed:
+                valid = True
+                if merges:
+                    _run(merges, frame)
+        if valid:
+            if errors is not None:
+                del errors[mark:]
+            return True
+        return _fail(errors, "oneOf", "must match exactly one schema in oneOf", path, schema_path)
+
+    return check
+
+
+def _keyword_all_of(cxt: _Cxt, schemas, group):
+    _check_schema_type(cxt, "allOf", schemas, "array")
+    parts = []
+    for index, schema in enumerate(schemas):
+        if _always_valid(cxt, schema):
+            continue
+        child = cxt.subschema(schema, "allOf", index, new_data=False)
+        parts.append((child.check, cxt.merge_evaluated(child)))
+    if not parts:
+        return None
+    if not any(merges for _, merges in parts):
+        return _sequence([part for part, _ in parts])
+
+    def check(data, path, errors, frame):
+        mark = 0 if errors is None else len(errors)
+        for part, merges in parts:
+            if not part(data, path, errors, frame) and errors is None:
+                return False
+            if merges:
+                _run(merges, frame)
+        return errors is None or len(errors) == mark
+
+    return check
+
+
+def _keyword_if(cxt: _Cxt, schema, group):
+    """if/then/else: the branch's errors, then 'must match "then" schema' (or "else")."""
+    _check_schema_type(cxt, "if", schema, "object", "boolean")
+    parent = cxt.schema
+    if "then" not in parent and "else" not in parent:
+        cxt.problem("if", '"if" without "then" and "else" is ignored (strict mode)')
+    clauses = [name for name in ("then", "else")
+               if name in parent and not _always_valid(cxt, parent[name], name)]
+    if not clauses:
+        return None
+    condition = cxt.subschema(schema, "if", new_data=False)
+    condition_merges = cxt.merge_evaluated(condition)
+    compiled = {}
+    for name in clauses:
+        child = cxt.subschema(parent[name], name, new_data=False)
+        compiled[name] = (child.check, cxt.merge_if_valid(child) or (),
+                          f'must match "{name}" schema')
+    then_clause, else_clause = compiled.get("then"), compiled.get("else")
+    test, schema_path = condition.check, f"{cxt.path}/if"
+
+    def check(data, path, errors, frame):
+        passed = test(data, path, None, frame)
+        if condition_merges:
+            _run(condition_merges, frame)
+        clause = then_clause if passed else else_clause
+        if clause is None:
+            return True
+        branch, merges, message = clause
+        if branch(data, path, errors, frame):
+            if merges:
+                _run(merges, frame)
+            return True
+        return _fail(errors, "if", message, path, schema_path)
+
+    return check
+
+
+def _keyword_then_else(keyword: str):
+    def compile_clause(cxt: _Cxt, schema, group):
+        _check_schema_type(cxt, keyword, schema, "object", "boolean")
+        if "if" not in cxt.schema:
+            cxt.problem(keyword, f'"{keyword}" without "if" is ignored (strict mode)')
+        return None
+    return compile_clause
+
+
+def _keyword_ref(cxt: _Cxt, reference, group):
+    """$ref: a target without a $ref of its own is compiled in place, its errors' schema paths
+    starting with the $ref text; any other is a function of its own (paths start at "#")."""
+    _check_schema_type(cxt, "$ref", reference, "string")
+    rule = cxt.rule
+    if reference in ("#", "#/") and cxt.base == rule.root.base:
+        target = rule.root
+    else:
+        target = rule.resolve(cxt, reference)
+    if not isinstance(target, _Function):
+        schema, pointer = target
+        child = _Cxt(rule, cxt.function, schema, reference, pointer, cxt.base, cxt.defined)
+        child.check = _compile_schema(child)
+        merges = cxt.merge_evaluated(child)
+        if not merges:
+            return child.check
+
+        def inline(data, path, errors, frame):
+            valid = child.check(data, path, errors, frame)
+            _run(merges, frame)
+            return valid
+
+        return inline
+    return _call_function(cxt, target)
+
+
+def _call_function(cxt: _Cxt, function: Optional[_Function], choose=None):
+    """A call of another compiled function (Ajv's callRef); what it evaluated is merged when it
+    passes: known in advance if it is compiled already, else read from its result. ``choose``
+    picks the function at run time instead ($recursiveRef)."""
+    merges, reads = [], []
+    if cxt.rule.tracking:
+        for kind in ("props", "items"):
+            if getattr(cxt, kind) is True:
+                continue
+            known = getattr(function, kind, None)
+            if function is not None and function.compiled and not isinstance(known, _Slot):
+                if known is not None:
+                    merges += cxt.merge(kind, known)
+            else:
+                slot = cxt.function.new_slot()
+                reads.append((kind, slot.index))
+                merges += cxt.merge(kind, slot, True)
+
+    anchors = cxt.rule.anchors
+
+    def call(data, path, errors, frame):
+        callee = function if choose is None else choose(frame)
+        # Ajv compiles every function with allErrors, whatever its caller's mode.
+        if errors is None:
+            valid, props, items = callee.run(data, "", [], frame[0] if anchors else None)
+        else:
+            valid, props, items = callee.run(data, path, errors, frame[0] if anchors else None)
+        if valid and (reads or merges):
+            for kind, index in reads:
+                frame[index] = props if kind == "props" else items
+            _run(merges, frame)
+        return valid
+
+    return call
+
+
+# ---- Keywords for numbers ---------------------------------------------------------------------
+
+_LIMITS = {  # keyword: (comparison shown in messages, test of a valid number)
+    "maximum": ("<=", lambda number, limit: number <= limit),
+    "minimum": (">=", lambda number, limit: number >= limit),
+    "exclusiveMaximum": ("<", lambda number, limit: number < limit),
+    "exclusiveMinimum": (">", lambda number, limit: number > limit),
+}
+
+
+def _keyword_limit(keyword: str):
+    def compile_limit(cxt: _Cxt, limit, group):
+        if cxt.rule.draft4 and keyword.startswith("exclusive"):
+            _check_schema_type(cxt, keyword, limit, "boolean")
+            bound = "maximum" if keyword == "exclusiveMaximum" else "minimum"
+            if bound not in cxt.schema:
+                cxt.problem(keyword, f"{keyword} can only be used with {bound}")
+            return None
+        _check_schema_type(cxt, keyword, limit, "number")
+        name = keyword
+        if cxt.rule.draft4 and cxt.schema.get("exclusive" + keyword[0].upper() + keyword[1:]):
+            name = "exclusive" + keyword[0].upper() + keyword[1:]  # draft-04: a boolean beside
+        comparison, holds = _LIMITS[name]
+        message = f"must be {comparison} {js_number_text(limit)}"
+        schema_path = f"{cxt.path}/{keyword}"
+        return lambda data, path, errors, frame: holds(data, limit) or _fail(
+            errors, keyword, message, path, schema_path)
+    return compile_limit
+
+
+def _is_multiple(number, divisor) -> bool:
+    """Ajv's multipleOf: ``number / divisor`` in floating point, and ``res === parseInt(res)``,
+    which also fails for quotients of 1e21 and more (parseInt reads "1e+21" as 1)."""
+    try:
+        quotient = float(number) / float(divisor)
+    except (OverflowError, ZeroDivisionError):
+        return False
+    return quotient - quotient == 0.0 and quotient.is_integer() and abs(quotient) < 1e21
+
+
+def _keyword_multiple_of(cxt: _Cxt, divisor, group):
+    _check_schema_type(cxt, "multipleOf", divisor, "number")
+    message = f"must be multiple of {js_number_text(divisor)}"
+    schema_path = f"{cxt.path}/multipleOf"
+    return lambda data, path, errors, frame: (
+        divisor != 0 and _is_multiple(data, divisor)) or _fail(
+        errors, "multipleOf", message, path, schema_path)
+
+
+# ---- Keywords for strings ---------------------------------------------------------------------
+
+
+def _keyword_length(keyword: str):
+    def compile_length(cxt: _Cxt, limit, group):
+        _check_schema_type(cxt, keyword, limit, "number")
+        schema_path = f"{cxt.path}/{keyword}"
+        if keyword == "maxLength":
+            message = f"must NOT have more than {js_number_text(limit)} characters"
+            return lambda data, path, errors, frame: len(data) <= limit or _fail(
+                errors, keyword, message, path, schema_path)
+        message = f"must NOT have fewer than {js_number_text(limit)} characters"
+        return lambda data, path, errors, frame: len(data) >= limit or _fail(
+            errors, keyword, message, path, schema_path)
+    return compile_length
+
+
+def _keyword_pattern(cxt: _Cxt, source, group):
+    _check_schema_type(cxt, "pattern", source, "string")
+    expression = cxt.rule.pattern(cxt, "pattern", source)
+    message, schema_path = f'must match pattern "{source}"', f"{cxt.path}/pattern"
+    search = expression.search
+    return lambda data, path, errors, frame: search(data) is not None or _fail(
+        errors, "pattern", message, path, schema_path)
+
+
+def _keyword_format(cxt: _Cxt, name, group):
+    _check_schema_type(cxt, "format", name, "string")
+    known = FORMATS.get(name)
+    if known is None:
+        cxt.problem("format", f'unknown format "{name}" (strict mode)')
+    if known.test is None or known.data_type != group:
+        return None
+    test, message, schema_path = known.test, f'must match format "{name}"', f"{cxt.path}/format"
+    return lambda data, path, errors, frame: test(data) or _fail(
+        errors, "format", message, path, schema_path)
+
+
+_FORMAT_LIMITS = {"formatMaximum": ("<=", lambda order: order > 0),
+                  "formatMinimum": (">=", lambda order: order < 0),
+                  "formatExclusiveMaximum": ("<", lambda order: order >= 0),
+                  "formatExclusiveMinimum": (">", lambda order: order <= 0)}
+
+
+def _keyword_format_limit(keyword: str):
+    """ajv-formats' formatMaximum and kin: compare dates and times as ajv-formats does."""
+    def compile_format_limit(cxt: _Cxt, limit, group):
+        if "format" not in cxt.schema:
+            cxt.problem(keyword, f"parent schema must have dependencies of {keyword}: format")
+        _check_schema_type(cxt, keyword, limit, "string")
+        name = cxt.schema["format"]
+        _check_schema_type(cxt, "format", name, "string")
+        known = FORMATS.get(name)
+        if known is None or known.test is None:
+            return None
+        compare = FORMAT_COMPARISONS.get(name)
+        if compare is None:
+            cxt.problem(keyword, f'"{keyword}": format "{name}" does not define "compare" function')
+        comparison, fails = _FORMAT_LIMITS[keyword]
+        message, schema_path = f"should be {comparison} {limit}", f"{cxt.path}/{keyword}"
+
+        def check(data, path, errors, frame):
+            order = compare(data, limit)
+            return order is None or not fails(order) or _fail(errors, keyword, message, path,
+                                                              schema_path)
+        return check
+    return compile_format_limit
+
+
+# ---- Keywords for arrays ----------------------------------------------------------------------
+
+
+def _keyword_item_count(keyword: str):
+    def compile_count(cxt: _Cxt, limit, group):
+        _check_schema_type(cxt, keyword, limit, "number")
+        schema_path = f"{cxt.path}/{keyword}"
+        if keyword == "maxItems":
+            message = f"must NOT have more than {js_number_text(limit)} items"
+            return lambda data, path, errors, frame: len(data) <= limit or _fail(
+                errors, keyword, message, path, schema_path)
+        message = f"must NOT have fewer than {js_number_text(limit)} items"
+        return lambda data, path, errors, frame: len(data) >= limit or _fail(
+            errors, keyword, message, path, schema_path)
+    return compile_count
+
+
+def _each_item(subschema, start: int = 0):
+    """A subschema applied to every item from ``start`` on."""
+    def check(data, path, errors, frame):
+        if errors is None:
+            for index in range(start, len(data)):
+                if not subschema(data[index], None, None, frame):
+                    return False
+            return True
+        mark = len(errors)
+        for index in range(start, len(data)):
+            subschema(data[index], f"{path}/{index}", errors, frame)
+        return len(errors) == mark
+    return check
+
+
+def _keyword_items(cxt: _Cxt, schema, group):
+    _check_schema_type(cxt, "items", schema, "object", "array", "boolean")
+    if type(schema) is list:  # a tuple: one schema per position
+        merges = []
+        if cxt.rule.tracking and schema and cxt.items is not True:
+            merges = cxt.merge("items", len(schema))
+        positions = []
+        for index, item_schema in enumerate(schema):
+            if not _always_valid(cxt, item_schema):
+                child = cxt.subschema(item_schema, "items", index, new_data=True)
+                positions.append((index, child.check, f"/{index}"))
+        # Ajv keeps the last position's verdict in one variable of the generated function; without
+        # allErrors, a position the array is too short for goes on only if that (possibly stale)
+        # verdict is true, else the rest of the array keywords is skipped, without an error.
+        last = cxt.function.new_slot().index if positions else 0
+        cxt.rule.quick = False  # that skip is wrong for a verdict-only first look at an event
+
+        def tuple_check(data, path, errors, frame):
+            if merges:
+                _run(merges, frame)
+            mark = 0 if errors is None else len(errors)
+            for index, check, token in positions:
+                if index < len(data):
+                    frame[last] = check(data[index], None if errors is None else path + token,
+                                        errors, frame)
+                    if errors is None and not frame[last]:
+                        return False
+                elif errors is None and not frame[last]:
+                    return _SKIP_REST
+            return errors is None or len(errors) == mark
+
+        tuple_check.skips_rest = True
+        return tuple_check if positions or merges else None
+    cxt.items = True
+    if _always_valid(cxt, schema, "items"):
+        return None
+    return _each_item(cxt.subschema(schema, "items", new_data=True).check)
+
+
+def _keyword_additional_items(cxt: _Cxt, schema, group):
+    _check_schema_type(cxt, "additionalItems", schema, "object", "boolean")
+    tuple_schemas = cxt.schema.get("items")
+    if type(tuple_schemas) is not list:
+        cxt.problem("additionalItems",
+                    '"additionalItems" is ignored when "items" is not an array of schemas')
+    cxt.items = True
+    count = len(tuple_schemas)
+    if schema is False:
+        message = f"must NOT have more than {count} items"
+        schema_path = f"{cxt.path}/additionalItems"
+        return lambda data, path, errors, frame: len(data) <= count or _fail(
+            errors, "additionalItems", message, path, schema_path)
+    if _always_valid(cxt, schema, "additionalItems"):
+        return None
+    return _each_item(cxt.subschema(schema, "additionalItems", new_data=True).check, count)
+
+
+def _keyword_contains(cxt: _Cxt, schema, group):
+    """contains, with minContains/maxContains (2019-09): the failing items' errors, then
+    "must contain at least..." when too few (or too many) items pass; none when it passes."""
+    _check_schema_type(cxt, "contains", schema, "object", "boolean")
+    parent = cxt.schema
+    if cxt.rule.draft4:
+        least, most = 1, None
+    else:
+        for limit in ("minContains", "maxContains"):
+            if limit in parent:
+                _check_schema_type(cxt, limit, parent[limit], "number")
+        least, most = parent.get("minContains", 1), parent.get("maxContains")
+    if most is None:
+        message = f"must contain at least {js_number_text(least)} valid item(s)"
+    else:
+        message = (f"must contain at least {js_number_text(least)} and no more than "
+                   f"{js_number_text(most)} valid item(s)")
+    schema_path = f"{cxt.path}/contains"
+    if most is None and least == 0:
+        cxt.problem("contains", '"minContains" == 0 without "maxContains": "contains" keyword '
+                                'ignored (strict mode)')
+    if most is not None and least > most:
+        cxt.problem("contains", '"minContains" > "maxContains" is always invalid (strict mode)')
+    if _always_valid(cxt, schema, "contains"):
+        return lambda data, path, errors, frame: (
+            len(data) >= least and (most is None or len(data) <= most)) or _fail(
+            errors, "contains", message, path, schema_path)
+    cxt.items = True
+    item_check = cxt.subschema(schema, "contains", new_data=True).check
+    # With neither minContains nor maxContains, Ajv keeps the last item's verdict in a variable of
+    # the whole generated function: an empty array then reuses the verdict of the previous array
+    # this keyword checked in the same call (undefined, a failure, at first).
+    last = cxt.function.new_slot().index
+
+    def check(data, path, errors, frame):
+        mark = 0 if errors is None else len(errors)
+        if most is None and least == 1:
+            valid = frame[last]
+            for index, item in enumerate(data):
+                valid = frame[last] = item_check(
+                    item, None if errors is None else f"{path}/{index}", errors, frame)
+                if valid:
+                    break
+        else:
+            valid, count = least == 0, 0
+            if least > 0 or data:
+                for index, item in enumerate(data):
+                    if not item_check(item, None if errors is None else f"{path}/{index}", errors,
+                                      frame):
+                        continue
+                    count += 1
+                    if most is None:
+                        if count >= least:
+                            valid = True
+                            break
+                    elif count > most:
+                        valid = False
+                        break
+                    elif count >= least:
+                        valid = True
+        if valid:
+            if errors is not None:
+                del errors[mark:]
+            return True
+        return _fail(errors, "contains", message, path, schema_path)
+
+    return check
+
+
+def _unique_key(item, many_types: bool):
+    """The property name Ajv's fast uniqueItems loop files an item under (a JavaScript object key):
+    String(item), with "_" after strings when several types are allowed."""
+    if type(item) is str:
+        return item + "_" if many_types else item
+    return js_string(item)
+
+
+def _keyword_unique_items(cxt: _Cxt, unique, group):
+    """uniqueItems: one error for the first duplicate found. Ajv searches from the end, and words
+    the indices differently when ``items`` declares simple types (its fast loop)."""
+    _check_schema_type(cxt, "uniqueItems", unique, "boolean")
+    if not unique:
+        return None
+    item_schema = cxt.schema.get("items")
+    item_types = []
+    if type(item_schema) is dict:
+        item_types = [item_schema["type"]] if type(item_schema.get("type")) is str else list(
+            item_schema.get("type") or [])
+        if item_schema.get("nullable") is True and "null" not in item_types:
+            item_types.append("null")
+    schema_path = f"{cxt.path}/uniqueItems"
+
+    def message(first, second):
+        return f"must NOT have duplicate items (items ## {first} and {second} are identical)"
+
+    if item_types and not any(name in ("object", "array") for name in item_types):
+        of_type, many = _type_test(item_types), len(item_types) > 1
+
+        def fast_check(data, path, errors, frame):
+            seen = {}
+            for index in range(len(data) - 1, -1, -1):
+                item = data[index]
+                if not of_type(item):
+                    continue
+                key = _unique_key(item, many)
+                if key in seen:
+                    return _fail(errors, "uniqueItems", message(seen[key], index), path,
+                                 schema_path)
+                seen[key] = index
+            return True
+
+        return fast_check
+
+    def check(data, path, errors, frame):
+        for later in range(len(data) - 1, 0, -1):
+            for earlier in range(later - 1, -1, -1):
+                if json_equal(data[later], data[earlier]):
+                    return _fail(errors, "uniqueItems", message(earlier, later), path, schema_path)
+        return True
+
+    return check
+
+
+def _keyword_contains_limit(keyword: str):
+    def compile_contains_limit(cxt: _Cxt, limit, group):
+        _check_schema_type(cxt, keyword, limit, "number")
+        if "contains" not in cxt.schema:
+            cxt.problem(keyword, f'"{keyword}" without "contains" is ignored (strict mode)')
+        return None
+    return compile_contains_limit
+
+
+def _keyword_unevaluated_items(cxt: _Cxt, schema, group):
+    _check_schema_type(cxt, "unevaluatedItems", schema, "object", "boolean")
+    evaluated = cxt.items or 0
+    if evaluated is True:
+        return None
+    cxt.items = True
+    schema_path = f"{cxt.path}/unevaluatedItems"
+    if isinstance(evaluated, _Slot):  # known only at run time; Ajv compares the length with it
+        index = evaluated.index
+        if schema is False:
+            def variable_check(data, path, errors, frame):
+                count = frame[index]
+                if count is None or len(data) <= count:  # JavaScript: n > undefined is false
+                    return True
+                return _fail(errors, "unevaluatedItems",
+                             f"must NOT have more than {js_string(count)} items", path, schema_path)
+            return variable_check
+        if _always_valid(cxt, schema, "unevaluatedItems"):
+            return None
+        child = cxt.subschema(schema, "unevaluatedItems", new_data=True).check
+
+        def variable_items_check(data, path, errors, frame):
+            count = frame[index]
+            if count is None or count is not True:
+                return count is None or _each_item(child, count)(data, path, errors, frame)
+            if len(data) <= 1:  # JavaScript compares the length with true as with 1 ...
+                return True
+            mark = 0 if errors is None else len(errors)  # ... and counts from true: data[true]
+            if not child(_MISSING, None if errors is None else f"{path}/true", errors, frame) and (
+                    errors is None):  # is undefined, then items 2, 3...
+                return False
+            return _each_item(child, 2)(data, path, errors, frame) and (
+                errors is None or len(errors) == mark)
+        return variable_items_check
+    if schema is False:
+        message = f"must NOT have more than {evaluated} items"
+        return lambda data, path, errors, frame: len(data) <= evaluated or _fail(
+            errors, "unevaluatedItems", message, path, schema_path)
+    if _always_valid(cxt, schema, "unevaluatedItems"):
+        return None
+    return _each_item(cxt.subschema(schema, "unevaluatedItems", new_data=True).check, evaluated)
+
+
+# ---- Keywords for objects ---------------------------------------------------------------------
+
+#: Names every JavaScript object has through its prototype: Ajv's strictRequired check finds them in
+#: any ``properties`` (``props?.[name] === undefined`` is false for them).
+_PROTOTYPE_NAMES = frozenset((
+    "constructor", "__defineGetter__", "__defineSetter__", "hasOwnProperty", "__lookupGetter__",
+    "__lookupSetter__", "isPrototypeOf", "propertyIsEnumerable", "toString", "valueOf",
+    "__proto__", "toLocaleString"))
+
+
+def _schema_names(schemas) -> list:
+    """Ajv's allSchemaProperties: a map's keys in JavaScript order, except __proto__."""
+    return [name for name in js_key_order(schemas) if name != "__proto__"] if type(
+        schemas) is dict else []
+
+
+def _keyword_property_count(keyword: str):
+    def compile_count(cxt: _Cxt, limit, group):
+        _check_schema_type(cxt, keyword, limit, "number")
+        schema_path = f"{cxt.path}/{keyword}"
+        if keyword == "maxProperties":
+            message = f"must NOT have more than {js_number_text(limit)} properties"
+            return lambda data, path, errors, frame: len(data) <= limit or _fail(
+                errors, keyword, message, path, schema_path)
+        message = f"must NOT have fewer than {js_number_text(limit)} properties"
+        return lambda data, path, errors, frame: len(data) >= limit or _fail(
+            errors, keyword, message, path, schema_path)
+    return compile_count
+
+
+def _keyword_required(cxt: _Cxt, names, group):
+    _check_schema_type(cxt, "required", names, "array")
+    if not names:
+        return None
+    properties = cxt.schema.get("properties")
+    for name in names:  # strictRequired: every required name must be defined
+        if type(name) is not str:
+            cxt.problem("required", "required must hold property names")
+        defined = type(properties) is dict and (name in properties or name in _PROTOTYPE_NAMES)
+        if not defined and name not in cxt.defined:
+            cxt.problem("required", f'required property "{name}" has no schema in "properties" '
+                                    f'here (strictRequired)')
+    names, schema_path, all_names = tuple(names), f"{cxt.path}/required", frozenset(names)
+    messages = {name: f"must have required property '{name}'" for name in names}
+
+    def check(data, path, errors, frame):
+        if data.keys() >= all_names:
+            return True
+        valid = True
+        for name in names:
+            if name not in data:
+                if errors is None:
+                    return False
+                errors.append(_Error("required", messages[name], path, schema_path, name))
+                valid = False
+        return valid
+
+    return check
+
+
+def _keyword_property_names(cxt: _Cxt, schema, group):
+    _check_schema_type(cxt, "propertyNames", schema, "object", "boolean")
+    if _always_valid(cxt, schema, "propertyNames"):
+        return None
+    name_check = cxt.subschema(schema, "propertyNames", new_data=True).check
+    schema_path = f"{cxt.path}/propertyNames"
+
+    def check(data, path, errors, frame):
+        if errors is None:
+            return all(name_check(key, None, None, frame) for key in data)
+        mark = len(errors)
+        for key in js_key_order(data):
+            if not name_check(key, path, errors, frame):
+                errors.append(_Error("propertyNames", "property name must be valid", path,
+                                     schema_path))
+        return len(errors) == mark
+
+    return check
+
+
+def _keyword_additional_properties(cxt: _Cxt, schema, group):
+    _check_schema_type(cxt, "additionalProperties", schema, "object", "boolean")
+    cxt.props = True
+    if _always_valid(cxt, schema, "additionalProperties"):
+        return None
+    parent = cxt.schema
+    names = frozenset(_schema_names(parent.get("properties")))
+    patterns = tuple(cxt.rule.pattern(cxt, "patternProperties", source).search
+                     for source in _schema_names(parent.get("patternProperties")))
+    schema_path = f"{cxt.path}/additionalProperties"
+    if schema is False:
+        message = "must NOT have additional properties"
+
+        def closed_check(data, path, errors, frame):
+            if errors is None:
+                return names.issuperset(data) or all(
+                    key in names or any(search(key) for search in patterns) for key in data)
+            valid = True
+            for key in js_key_order(data):
+                if key not in names and not any(search(key) for search in patterns):
+                    errors.append(_Error("additionalProperties", message, path, schema_path, key))
+                    valid = False
+            return valid
+
+        return closed_check
+    value_check = cxt.subschema(schema, "additionalProperties", new_data=True).check
+
+    def check(data, path, errors, frame):
+        mark = 0 if errors is None else len(errors)
+        for key in (data if errors is None else js_key_order(data)):
+            if key in names or any(search(key) for search in patterns):
+                continue
+            at = None if errors is None else f"{path}/{pointer_token(key)}"
+            if not value_check(data[key], at, errors, frame) and errors is None:
+                return False
+        return errors is None or len(errors) == mark
+
+    return check
+
+
+def _keyword_properties(cxt: _Cxt, schemas, group):
+    _check_schema_type(cxt, "properties", schemas, "object")
+    names = _schema_names(schemas)
+    cxt.defined.update(names)
+    merges = cxt.merge("props", frozenset(names)) if (
+        cxt.rule.tracking and names and cxt.props is not True) else []
+    checked = []
+    for name in names:
+        if _always_valid(cxt, schemas[name]):
+            continue
+        child = cxt.subschema(schemas[name], "properties", name, new_data=True)
+        cxt.defined.add(name)
+        checked.append((name, child.check, "/" + pointer_token(name)))
+    checked = tuple(checked)
+    quick = tuple((name, value_check) for name, value_check, _ in checked)
+
+    def check(data, path, errors, frame):
+        if merges:
+            _run(merges, frame)
+        if errors is None:
+            for name, value_check in quick:
+                if name in data and not value_check(data[name], None, None, frame):
+                    return False
+            return True
+        mark = len(errors)
+        for name, value_check, token in checked:
+            if name in data:
+                value_check(data[name], path + token, errors, frame)
+        return len(errors) == mark
+
+    return check if checked or merges else None
+
+
+def _keyword_pattern_properties(cxt: _Cxt, schemas, group):
+    _check_schema_type(cxt, "patternProperties", schemas, "object")
+    rule = cxt.rule
+    sources = _schema_names(schemas)
+    always = [source for source in sources if _always_valid(cxt, schemas[source])]
+    if not sources or (len(always) == len(sources) and (not rule.tracking or cxt.props is True)):
+        return None
+    defined = cxt.schema.get("properties")
+    merges = []
+    if cxt.props is not True and not isinstance(cxt.props, _Slot):
+        slot = cxt.function.new_slot()
+        merges.append(_initialise(slot, cxt.props if cxt.props is not None else frozenset()))
+        cxt.props = slot
+    props = cxt.props
+    record = rule.tracking and props is not True
+    index = props.index if isinstance(props, _Slot) else None
+    patterns = []
+    for source in sources:
+        search = rule.pattern(cxt, "patternProperties", source).search
+        for name in (defined if type(defined) is dict else ()):
+            if search(name):
+                cxt.problem("patternProperties", f"property {name} matches pattern {source} "
+                                                 f"(use allowMatchingProperties; strict mode)")
+        value_check = None if source in always else cxt.subschema(
+            schemas[source], "patternProperties", source, new_data=True).check
+        patterns.append((search, value_check))
+
+    def check(data, path, errors, frame):
+        if merges:
+            _run(merges, frame)
+        keys = js_key_order(data) if record or errors is not None else data
+        if errors is None:  # as Ajv without allErrors: a name is recorded even when its value
+            failed = False  # fails, and only the last name checked decides whether to go on
+            for search, value_check in patterns:
+                last = True
+                for key in keys:
+                    if not search(key):
+                        continue
+                    if value_check is not None:
+                        last = value_check(data[key], None, None, frame)
+                        failed = failed or not last
+                    if record:
+                        _record(frame, index, key)
+                    elif not last:
+                        break
+                if not last:
+                    return False
+            return not failed
+        mark = len(errors)
+        for search, value_check in patterns:
+            for key in keys:
+                if search(key):
+                    if value_check is not None:
+                        value_check(data[key], f"{path}/{pointer_token(key)}", errors, frame)
+                    if record:
+                        _record(frame, index, key)
+        return len(errors) == mark
+
+    return check
+
+
+def _record(frame, index: int, name: str):
+    """Ajv's ``props[key] = true`` for patternProperties; on an undefined variable it throws."""
+    evaluated = frame[index]
+    if evaluated is None:
+        raise _Crash("Cannot set properties of undefined")
+    if evaluated is not True:
+        evaluated.add(name)
+
+
+def _dependency_message(name: str, dependencies: list) -> str:
+    noun = "property" if len(dependencies) == 1 else "properties"
+    return f"must have {noun} {', '.join(dependencies)} when property {name} is present"
+
+
+def _property_dependencies(cxt: _Cxt, keyword: str, dependencies: Dict[str, list]):
+    """dependentRequired, and the lists of dependencies: one error per missing property."""
+    schema_path = f"{cxt.path}/{keyword}"
+    rules = []
+    for name, needed in dependencies.items():
+        if type(needed) is not list:
+            cxt.problem(keyword, f"{keyword} must map names to lists of names")
+        if needed:
+            rules.append((name, tuple(needed), _dependency_message(name, needed)))
+    if not rules:
+        return None
+
+    def check(data, path, errors, frame):
+        valid = True
+        for name, needed, message in rules:
+            if name in data:
+                for other in needed:
+                    if other not in data:
+                        if errors is None:
+                            return False
+                        errors.append(_Error(keyword, message, path, schema_path))
+                        valid = False
+        return valid
+
+    return check
+
+
+def _schema_dependencies(cxt: _Cxt, keyword: str, schemas: dict):
+    """dependentSchemas, and the schemas of dependencies: applied when the property is there."""
+    parts = []
+    for name in js_key_order(schemas):
+        if _always_valid(cxt, schemas[name]):
+            continue
+        child = cxt.subschema(schemas[name], keyword, name, new_data=False)
+        parts.append((name, child.check, cxt.merge_if_valid(child) or ()))
+    if not parts:
+        return None
+
+    def check(data, path, errors, frame):
+        mark = 0 if errors is None else len(errors)
+        for name, part, merges in parts:
+            if name in data:
+                if part(data, path, errors, frame):
+                    if merges:
+                        _run(merges, frame)
+                elif errors is None:
+                    return False
+        return errors is None or len(errors) == mark
+
+    return check
+
+
+def _keyword_dependencies(cxt: _Cxt, dependencies, group):
+    _check_schema_type(cxt, "dependencies", dependencies, "object")
+    names = [name for name in js_key_order(dependencies) if name != "__proto__"]
+    lists = {name: dependencies[name] for name in names if type(dependencies[name]) is list}
+    schemas = {name: dependencies[name] for name in names if type(dependencies[name]) is not list}
+    checks = [check for check in (_property_dependencies(cxt, "dependencies", lists),
+                                  _schema_dependencies(cxt, "dependencies", schemas)) if check]
+    return _sequence(checks) if checks else None
+
+
+def _keyword_dependent_required(cxt: _Cxt, dependencies, group):
+    _check_schema_type(cxt, "dependentRequired", dependencies, "object")
+    return _property_dependencies(cxt, "dependentRequired",
+                                  {name: dependencies[name] for name in js_key_order(dependencies)})
+
+
+def _keyword_dependent_schemas(cxt: _Cxt, schemas, group):
+    _check_schema_type(cxt, "dependentSchemas", schemas, "object")
+    return _schema_dependencies(cxt, "dependentSchemas", schemas)
+
+
+def _keyword_unevaluated_properties(cxt: _Cxt, schema, group):
+    _check_schema_type(cxt, "unevaluatedProperties", schema, "object", "boolean")
+    evaluated = cxt.props
+    cxt.props = True
+    if evaluated is True:
+        return None
+    schema_path = f"{cxt.path}/unevaluatedProperties"
+    value_check = None
+    if schema is not False and not _always_valid(cxt, schema, "unevaluatedProperties"):
+        value_check = cxt.subschema(schema, "unevaluatedProperties", new_data=True).check
+    elif schema is not False:
+        return None
+    index = evaluated.index if isinstance(evaluated, _Slot) else None
+    known = evaluated if isinstance(evaluated, frozenset) else frozenset()
+    message = "must NOT have unevaluated properties"
+
+    def check(data, path, errors, frame):
+        names = known
+        if index is not None:
+            names = frame[index]
+            if names is True:
+                return True
+            names = names or ()
+        mark = 0 if errors is None else len(errors)
+        for key in (data if errors is None else js_key_order(data)):
+            if key in names:
+                continue
+            if value_check is None:
+                if errors is None:
+                    return False
+                errors.append(_Error("unevaluatedProperties", message, path, schema_path, key))
+            elif not value_check(data[key], None if errors is None else
+                                 f"{path}/{pointer_token(key)}", errors, frame) and errors is None:
+                return False
+        return errors is None or len(errors) == mark
+
+    return check
+
+
+def _keyword_recursive_anchor(cxt: _Cxt, value, group):
+    """$recursiveAnchor: true: the first schema entered with it becomes the target of
+    ``$recursiveRef: "#"`` for the rest of the validation (Ajv's dynamicAnchor, lib/vocabularies/
+    dynamic): the current function when the schema is its root, else a function compiled for it."""
+    _check_schema_type(cxt, "$recursiveAnchor", value, "boolean")
+    if not value:
+        cxt.problem("$recursiveAnchor", "$recursiveAnchor: false is ignored (strict mode)")
+    rule = cxt.rule
+    rule.recursive_anchor = True
+    if cxt.schema is cxt.function.schema and cxt.path == "#":
+        target = cxt.function
+    else:
+        target = _Function(cxt.schema, rule.root.base, cxt.pointer, rule.anchors)
+        target_cxt = _Cxt(rule, target, cxt.schema, "#", cxt.pointer, rule.root.base, set())
+        target.finish(_compile_schema(target_cxt), target_cxt.props, target_cxt.items)
+
+    def check(data, path, errors, frame):
+        frame[0].setdefault("", target)
+        return True
+
+    return check
+
+
+def _keyword_recursive_ref(cxt: _Cxt, reference, group):
+    """$recursiveRef: "#": the first $recursiveAnchor target of this validation if a
+    $recursiveAnchor was compiled before it, else the current function (Ajv's dynamicRef)."""
+    _check_schema_type(cxt, "$recursiveRef", reference, "string")
+    if not reference.startswith("#"):
+        cxt.problem("$recursiveRef", '"$recursiveRef" only supports hash fragment reference')
+    current, anchor = cxt.function, reference[1:]
+    if anchor == "" and cxt.rule.recursive_anchor:
+        return _call_function(cxt, None, lambda frame: frame[0].get("", current))
+    return _call_function(cxt, None, lambda frame: current)
+
+
+def _keyword_nullable(cxt: _Cxt, nullable, group):
+    _check_schema_type(cxt, "nullable", nullable, "boolean")  # read by _schema_types
+    return None
+
+
+def _keyword_id(cxt: _Cxt, value, group):
+    cxt.problem("id", 'NOT SUPPORTED: keyword "id", use "$id" for schema ID')
+
+
+def _keyword_unsupported(keyword: str):
+    def compile_unsupported(cxt: _Cxt, value, group):
+        cxt.problem(keyword, f"{keyword} cannot be checked here (Ajv would check it)")
+    return compile_unsupported
+
+
+#: Keyword name -> compile function ``(cxt, value, group) -> check or None``.
+_KEYWORDS = {
+    "const": _keyword_const,
+    "enum": _keyword_enum,
+    "not": _keyword_not,
+    "anyOf": _keyword_any_of,
+    "oneOf": _keyword_one_of,
+    "allOf": _keyword_all_of,
+    "if": _keyword_if,
+    "then": _keyword_then_else("then"),
+    "else": _keyword_then_else("else"),
+    "$ref": _keyword_ref,
+    "$recursiveRef": _keyword_recursive_ref,
+    "$recursiveAnchor": _keyword_recursive_anchor,
+    "$dynamicRef": _keyword_unsupported("$dynamicRef"),
+    "$dynamicAnchor": _keyword_unsupported("$dynamicAnchor"),
+    "id": _keyword_id,
+    "nullable": _keyword_nullable,
+    **{keyword: _keyword_limit(keyword) for keyword in _LIMITS},
+    "multipleOf": _keyword_multiple_of,
+    "maxLength": _keyword_length("maxLength"),
+    "minLength": _keyword_length("minLength"),
+    "pattern": _keyword_pattern,
+    "format": _keyword_format,
+    **{keyword: _keyword_format_limit(keyword) for keyword in _FORMAT_LIMITS},
+    "maxItems": _keyword_item_count("maxItems"),
+    "minItems": _keyword_item_count("minItems"),
+    "additionalItems": _keyword_additional_items,
+    "items": _keyword_items,
+    "contains": _keyword_contains,
+    "uniqueItems": _keyword_unique_items,
+    "maxContains": _keyword_contains_limit("maxContains"),
+    "minContains": _keyword_contains_limit("minContains"),
+    "unevaluatedItems": _keyword_unevaluated_items,
+    "maxProperties": _keyword_property_count("maxProperties"),
+    "minProperties": _keyword_property_count("minProperties"),
+    "required": _keyword_required,
+    "propertyNames": _keyword_property_names,
+    "additionalProperties": _keyword_additional_properties,
+    "dependencies": _keyword_dependencies,
+    "properties": _keyword_properties,
+    "patternProperties": _keyword_pattern_properties,
+    "dependentRequired": _keyword_dependent_required,
+    "dependentSchemas": _keyword_dependent_schemas,
+    "unevaluatedProperties": _keyword_unevaluated_properties,
+}
+
+
+# -- One rule: Ajv's instance, the meta-schema, $ref resolution ------------------------------------
+
+_REF_KEYWORDS = frozenset(("$ref", "$recursiveRef", "$recursiveAnchor", "$dynamicRef",
+                           "$dynamicAnchor"))
+_ANCHOR = re.compile(r"[A-Za-z_][-A-Za-z0-9._]*\Z")
+#: Keys json-schema-traverse does not walk into when Ajv collects a rule's $id (resolve.ts).
+_NOT_SUBSCHEMAS = frozenset((
+    "default", "enum", "const", "required", "maximum", "minimum", "exclusiveMaximum",
+    "exclusiveMinimum", "multipleOf", "maxLength", "minLength", "pattern", "format", "maxItems",
+    "minItems", "uniqueItems", "maxProperties", "minProperties"))
+_SCHEMA_LISTS = frozenset(("items", "allOf", "anyOf", "oneOf"))
+_SCHEMA_MAPS = frozenset(("$defs", "definitions", "properties", "patternProperties",
+                          "dependencies"))
+
+
+def _normalize_id(uri: str) -> str:
+    """Ajv's normalizeId: without a final "#" or "#/"."""
+    return re.sub(r"#/?\Z", "", uri)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986, section 5.2.4."""
+    output: List[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if len(output) > 1:
+                output.pop()
+        elif segment != ".":
+            output.append(segment)
+    if path.endswith(("/.", "/..")):
+        output.append("")
+    return "/".join(output)
+
+
+def _resolve_uri(base: str, reference: str) -> str:
+    """A reference resolved against a base URI (RFC 3986, section 5.2), as Ajv resolves ``$id``
+    and ``$ref``; both without a final "#"."""
+    reference = _normalize_id(reference)
+    if not base:
+        return reference
+    target = urllib.parse.urlsplit(reference)
+    origin = urllib.parse.urlsplit(base)
+    if target.scheme:
+        parts = (target.scheme, target.netloc, _remove_dot_segments(target.path), target.query)
+    elif target.netloc:
+        parts = (origin.scheme, target.netloc, _remove_dot_segments(target.path), target.query)
+    elif not target.path:
+        parts = (origin.scheme, origin.netloc, origin.path,
+                 target.query if "?" in reference else origin.query)
+    elif target.path.startswith("/"):
+        parts = (origin.scheme, origin.netloc, _remove_dot_segments(target.path), target.query)
+    else:
+        directory = origin.path[:origin.path.rfind("/") + 1] if origin.path else (
+            "/" if origin.netloc else "")
+        parts = (origin.scheme, origin.netloc, _remove_dot_segments(directory + target.path),
+                 target.query)
+    resolved = urllib.parse.urlunsplit(parts + ("",))
+    return _normalize_id(resolved + ("#" + target.fragment if target.fragment else ""))
+
+
+def _mentions(value, key: str) -> bool:
+    """Whether a key appears anywhere in a JSON value."""
+    if type(value) is dict:
+        return key in value or any(_mentions(item, key) for item in value.values())
+    return type(value) is list and any(_mentions(item, key) for item in value)
+
+
+def _has_ref(schema) -> bool:
+    """Ajv's hasRef: a $ref anywhere inside (then a $ref target is compiled apart, not inlined)."""
+    if type(schema) is dict:
+        return any(key in _REF_KEYWORDS or _has_ref(value) for key, value in schema.items())
+    if type(schema) is list:
+        return any(_has_ref(item) for item in schema)
+    return False
+
+
+class _Rule:
+    """One rule being compiled: the Ajv instance rudder-transformer picks for it (Ajv2019, or
+    ajv-draft-04), its meta-schema, the ids it declares, and the functions its $refs need."""
+
+    def __init__(self, schema: dict, pointer: str, categories: dict):
+        self.pointer = pointer
+        self.categories = categories
+        declared = schema.get("$schema", _MISSING)
+        if declared is not _MISSING and type(declared) is not str:
+            raise _Problem(f"{pointer}/$schema", "$schema must be a string")
+        self.draft4 = declared is not _MISSING and "draft-04" in declared
+        uris = _DRAFT4_URIS if self.draft4 else _SCHEMA_URIS
+        if declared is _MISSING:
+            meta = "draft-04" if self.draft4 else "2019-09"
+        elif _normalize_id(declared) in uris:
+            meta = uris[_normalize_id(declared)]
+        else:
+            raise _Problem(f"{pointer}/$schema", f'no schema with key or ref "{declared}" '
+                                                 f"(Ajv knows no such meta-schema)")
+        self.groups = _GROUPS_DRAFT4 if self.draft4 else _GROUPS_2019
+        self.rules = frozenset(key for _, keywords in self.groups for key in keywords) | {
+            "type", "$comment"}
+        self.known = self.rules | frozenset(_INERT_DRAFT4 if self.draft4 else _INERT_2019)
+        self.id_keyword = "id" if self.draft4 else "$id"
+        self.tracking = not self.draft4  # Ajv2019 tracks evaluated properties and items
+        self.quick = True  # a verdict-only first look at an event agrees with collecting errors
+        found = _meta_problem(schema, _META_SCHEMAS[meta], pointer)
+        if found:
+            raise _Problem(*found)
+        root_id = schema.get(self.id_keyword)
+        base = _normalize_id(root_id) if type(root_id) is str else ""
+        self.anchors = _mentions(schema, "$recursiveAnchor")  # a frame place for the targets
+        self.recursive_anchor = False  # a $recursiveAnchor was compiled (Ajv: root.dynamicAnchors)
+        self.root = _Function(schema, base, pointer, self.anchors)
+        # Ajv's registry of the rule's ids (getSchemaRefs): an absolute id maps to the JSON Pointer
+        # of its schema inside the rule ("fullPath"), the rule's own id to the rule; ids and anchors
+        # that stay fragments ("#foo", when the rule has no id) are "local refs".
+        self.document = base.partition("#")[0]
+        self.refs: Dict[str, str] = {} if base.startswith("#") else {base: ""}  # even for ""
+        self.local: Dict[str, Tuple[object, str]] = {}
+        self._collect_ids(schema, "", base, set())
+        self.functions: Dict[Tuple[int, str], _Function] = {}
+        self.patterns: Dict[str, object] = {}
+
+    def _collect_ids(self, schema, at: str, base: str, seen: set):
+        """Walk the rule as json-schema-traverse does for Ajv's getSchemaRefs; ``at`` is the JSON
+        Pointer inside the rule."""
+        if type(schema) is not dict:
+            return
+        if at:  # the rule's own id is registered apart
+            declared = schema.get(self.id_keyword)
+            if type(declared) is str:
+                base = self._add_ref(declared, base, schema, at, seen)
+            for anchor_keyword in ("$anchor", "$dynamicAnchor"):
+                anchor = schema.get(anchor_keyword)
+                if type(anchor) is str:
+                    if not _ANCHOR.match(anchor):
+                        raise _Problem(f"{self.pointer}{at}/{anchor_keyword}",
+                                       f'invalid anchor "{anchor}"')
+                    self._add_ref("#" + anchor, base, schema, at, seen)
+        for key, value in schema.items():
+            inner = f"{at}/{pointer_token(key)}"
+            if type(value) is list:
+                if key in _SCHEMA_LISTS:
+                    for index, item in enumerate(value):
+                        self._collect_ids(item, f"{inner}/{index}", base, seen)
+            elif key in _SCHEMA_MAPS:
+                if type(value) is dict:
+                    for name, item in value.items():
+                        self._collect_ids(item, f"{inner}/{pointer_token(name)}", base, seen)
+            elif key not in _NOT_SUBSCHEMAS:
+                self._collect_ids(value, inner, base, seen)
+
+    def _add_ref(self, reference: str, base: str, schema, at: str, seen: set) -> str:
+        uri = _normalize_id(_resolve_uri(base, reference) if base else reference)
+        if uri in seen:
+            raise _Problem(f"{self.pointer}{at}", f'reference "{uri}" resolves to more than one '
+                                                  f"schema")
+        seen.add(uri)
+        if uri != _normalize_id(self.document + "#" + at):
+            if uri.startswith("#"):
+                self.local[uri] = (schema, at)
+            else:
+                self.refs[uri] = self.document + "#" + at
+        return uri
+
+    def pattern(self, cxt: _Cxt, keyword: str, source: str):
+        """A pattern compiled once per rule (Ajv caches its RegExps too)."""
+        if source not in self.patterns:
+            try:
+                self.patterns[source] = compile_pattern(source, self.categories)
+            except PatternError as error:
+                cxt.problem(keyword, str(error))
+        return self.patterns[source]
+
+    def resolve(self, cxt: _Cxt, reference: str):
+        """A $ref target (lib/compile/index.ts, resolveRef): (schema, pointer) to compile in
+        place, or a _Function to call."""
+        full = _resolve_uri(cxt.base, reference)
+        target = self._resolve(cxt, full)
+        if target is None and full in self.local:
+            schema, at = self.local[full]
+            target = (schema, self.pointer + at, cxt.base)
+        if target is None:
+            cxt.problem("$ref", f"can't resolve reference {reference} from id {cxt.base or '#'}")
+        schema, pointer, base = target
+        if not _has_ref(schema):
+            return schema, pointer
+        if schema is self.root.schema and base == self.root.base:
+            return self.root
+        key = (id(schema), base)
+        if key not in self.functions:
+            function = self.functions[key] = _Function(schema, base, pointer, self.anchors)
+            function_cxt = _Cxt(self, function, schema, "#", pointer, base, set())
+            check = _compile_schema(function_cxt)
+            function.finish(check, function_cxt.props, function_cxt.items)
+        return self.functions[key]
+
+    def _resolve(self, cxt: _Cxt, uri: str):
+        """Ajv's ``resolve``: follow the registry to a pointer, then resolveSchema."""
+        while uri in self.refs and self.refs[uri] != "":
+            uri = self.refs[uri]
+        if uri in self.refs:  # the rule itself, by its id
+            return self.root.schema, self.pointer, self.root.base
+        return self._resolve_schema(cxt, uri, set())
+
+    def _resolve_schema(self, cxt: _Cxt, uri: str, seen: set):
+        """Ajv's resolveSchema: a pointer into the rule, or into a schema found by its id. Ajv
+        recurses without end on some chains of ids and $refs (and throws "Maximum call stack size
+        exceeded", so RudderStack lets the events through); those are refused here too."""
+        if uri in seen:
+            cxt.problem("$ref", "Ajv's resolution of this $ref never ends (Maximum call stack "
+                                "size exceeded)")
+        seen.add(uri)
+        document, _, fragment = uri.partition("#")
+        if document == self.document and self.root.schema:
+            return self._json_pointer(cxt, fragment, (self.root.schema, self.pointer,
+                                                      self.root.base), seen)
+        registered = self.refs.get(document)
+        if registered is None:
+            return None
+        if registered == "":
+            start = self.root.schema, self.pointer, self.root.base
+        else:
+            start = self._resolve_schema(cxt, registered, seen)
+            if start is None or type(start[0]) is not dict:
+                return None
+        if document == uri:
+            return start
+        return self._json_pointer(cxt, fragment, start, seen)
+
+    def _json_pointer(self, cxt: _Cxt, fragment: str, start, seen: set):
+        """Ajv's getJsonPointer: follow a fragment's JSON Pointer from a schema, the base URI
+        changing at each $id on the way, and on through a schema that is only a $ref."""
+        if not fragment.startswith("/"):
+            return None
+        schema, pointer, base = start
+        for token in fragment[1:].split("/"):
+            if type(schema) is bool:
+                return None
+            token = urllib.parse.unquote(token).replace("~1", "/").replace("~0", "~")
+            if type(schema) is dict and token in schema:
+                schema = schema[token]
+            elif type(schema) is list and token.isdigit() and int(token) < len(schema):
+                schema = schema[int(token)]
+            else:
+                return None
+            pointer = f"{pointer}/{pointer_token(token)}"
+            declared = schema.get(self.id_keyword) if type(schema) is dict else None
+            if declared and type(declared) is str and token not in (
+                    "properties", "patternProperties", "enum", "dependencies", "definitions"):
+                base = _resolve_uri(base, declared)
+        found = None
+        if type(schema) is dict and schema.get("$ref") and type(schema["$ref"]) is str and not any(
+                key != "$ref" and key in self.rules for key in schema):
+            found = self._resolve_schema(cxt, _resolve_uri(base, schema["$ref"]), seen)
+        found = found or (schema, pointer, base)
+        return None if found[0] is self.root.schema else found
+
+    def compile(self):
+        """The rule's check, compiled as Ajv compiles the rule's function."""
+        cxt = _Cxt(self, self.root, self.root.schema, "#", self.pointer, self.root.base, set())
+        check = _compile_schema(cxt)
+        self.root.finish(check, cxt.props, cxt.items)
+        return check, self.root
+
+
+# -- Tracking plans: shapes, matching, violations --------------------------------------------------
+
+
 class PlanUnusable(ValueError):
-    """A tracking plan that cannot be used: not JSON, or not one of RudderStack's plan shapes."""
+    """The file is not JSON or not one of the plan shapes; str() is one line for the user."""
 
 
-def load_tracking_plan(document, default_id: str):
-    raise PlanUnusable("tracking plans are not supported yet")
+class _Compiled(NamedTuple):
+    """One reachable rule: its check and function, or the problem that stops Ajv compiling it.
+    ``quick``: an event may first be checked for its verdict only (errors only if it fails)."""
+
+    check: Optional[Callable]
+    function: Optional[_Function]
+    problem: Optional[str]
+    quick: bool = True
 
 
-def plan_verdict(plan, event: dict) -> Tuple[str, ...]:
-    """Check an event against the plan and write the verdict into its context as rudder-server does
-    downstream of its gateway: ``trackingPlanId``, ``trackingPlanVersion`` and ``violationErrors``
-    (empty when it conforms). A context that is not an object is left as it is, as there."""
+_NO_SCHEMA = None  # a rule lookup that finds nothing (or nothing usable): "no schema for event"
+
+
+def _js_identity(value):
+    """A dict key under which two JSON values are JavaScript-``===``: RudderStack matches event
+    names with ``===`` (a number 5 is not the name "5"); objects and arrays never match."""
+    if value is _MISSING:
+        return ("undefined",)
+    if value is None or type(value) in (str, bool):
+        return (type(value).__name__, value)
+    if type(value) in (int, float):
+        return ("number", float(value))
+    return None
+
+
+def _is_empty_rule(rule) -> bool:
+    """rudder-transformer's ``!eventSchema || Object.keys(eventSchema).length === 0``."""
+    if rule is _MISSING or rule is None or rule is False or rule == "" or (
+            type(rule) in (int, float) and (rule == 0 or rule != rule)):
+        return True
+    return type(rule) not in (dict, str, list) or len(rule) == 0
+
+
+class TrackingPlan:
+    """A loaded plan: every reachable rule compiled once; ``violations`` checks one event.
+
+    ``id`` and ``version`` are what rudder-server writes as ``context.trackingPlanId`` and
+    ``context.trackingPlanVersion``; ``problems`` has one line per rule Ajv would refuse to
+    compile (its events pass unchecked, as in RudderStack). Thread-safe: checking mutates nothing.
+    """
+
+    def __init__(self, plan_id: str, version, rules: Dict[tuple, _Compiled], problems: List[str]):
+        self.id = plan_id
+        self.version = version
+        self.problems = problems
+        self._rules = rules  # (event type, _js_identity(name)) -> rule
+        #: The verdict of a conforming event, and its members as JSON, made once.
+        self.conforming = {"trackingPlanId": plan_id, "trackingPlanVersion": version,
+                           "violationErrors": []}
+        self.conforming_json = encode_json(self.conforming)[1:-1]
+        self._tracks = {identity[1]: compiled for (event_type, identity), compiled in rules.items()
+                        if event_type == "track" and identity[0] == "str"}  # the usual lookup
+
+    def violations(self, event: dict) -> List[dict]:
+        """rudder-transformer's violations for one event (``[]`` when it conforms): Ajv's errors
+        mapped as ``src/util/eventValidation.js`` maps them, or one ``Unplanned-Event`` for a track
+        without a rule. Alias and unknown types are never checked."""
+        event_type = event.get("type")
+        if event_type == "track":
+            name = event.get("event", _MISSING)
+            compiled = self._tracks.get(name) if type(name) is str else self._rules.get(
+                ("track", _js_identity(name)))
+        elif type(event_type) is str and event_type in CHECKED_EVENT_TYPES:
+            name = ""
+            compiled = self._rules.get((event_type, ("str", "")))
+        else:
+            return []
+        if compiled is _NO_SCHEMA:
+            if event_type != "track":
+                return []
+            return [{"type": UNPLANNED_EVENT, "message": f"no schema for event: {js_string(name)}",
+                     "meta": {}}]
+        if compiled.check is None:
+            return []
+        function = compiled.function
+        if compiled.quick:
+            try:
+                if compiled.check(event, "", None, function.new_frame()):
+                    return []
+            except (_Crash, RecursionError):
+                pass  # the full run below decides, as Ajv's (which collects all errors) would
+        errors: List[_Error] = []
+        try:
+            compiled.check(event, "", errors, function.new_frame())
+        except (_Crash, RecursionError):
+            return []  # Ajv throws; rudder-transformer reports nothing for the event
+        return [_violation(error) for error in errors]
+
+
+def _violation(error: _Error) -> dict:
+    """One Ajv error as rudder-transformer reports it (``validate`` in eventValidation.js)."""
+    kind = VIOLATION_TYPES.get(error.keyword, UNKNOWN_VIOLATION)
+    meta = {"instancePath": error.instance_path, "schemaPath": error.schema_path}
+    if kind == "Additional-Properties":
+        return {"type": kind, "message": f"{error.message} '{error.property}'",
+                "property": error.property, "meta": meta}
+    if kind == "Required-Missing":
+        return {"type": kind, "message": error.message, "property": error.property, "meta": meta}
+    return {"type": kind, "message": error.message, "meta": meta}
+
+
+def _compile_rule(rule, pointer: str, categories: dict) -> _Compiled:
+    """A rule as rudder-transformer compiles it: its ``version`` key removed, a string ``$schema``
+    naming draft-04 sending it to ajv-draft-04, any compile error letting its events through."""
+    if type(rule) is not dict:
+        return _Compiled(None, None, f"{pointer}: a rule must be a JSON Schema object")
+    rule = {key: value for key, value in rule.items() if key != "version"}
+    try:
+        compiler = _Rule(rule, pointer, categories)
+        check, function = compiler.compile()
+    except _Problem as problem:
+        return _Compiled(None, None, str(problem))
+    except RecursionError:
+        return _Compiled(None, None, f"{pointer}: the rule nests too deeply to compile here")
+    if _js_truthy(rule.get("$async")):  # Ajv returns a Promise, truthy: "valid" for the transformer
+        return _Compiled(_always, function, None)
+    return _Compiled(check, function, None, compiler.quick)
+
+
+def _rule_entries(plan: dict) -> List[Tuple[str, object, object, str]]:
+    """(event type, name, rule, JSON pointer of the rule) for every lookup a plan answers, in the
+    order RudderStack searches (the first match wins); a missing rule is ``_MISSING``."""
+    if "events" in plan:  # the API's shape (rudder-transformer checks it first)
+        events = plan["events"]
+        if type(events) is not list:
+            raise PlanUnusable('not a tracking plan: "events" must be a list')
+        entries = []
+        for index, entry in enumerate(events):
+            if type(entry) is not dict:
+                raise PlanUnusable(f"not a tracking plan: events[{index}] is not an object")
+            entries.append((entry.get("eventType", _MISSING), entry.get("name", _MISSING),
+                            entry.get("rules", _MISSING), f"/events/{index}/rules"))
+        return entries
+    rules = plan.get("rules")
+    if type(rules) is not dict:
+        raise PlanUnusable('not a tracking plan: neither "events" (a list) nor "rules" (an object)')
+    entries = [(event_type, "", rules[event_type], f"/rules/{event_type}")
+               for event_type in CHECKED_EVENT_TYPES
+               if event_type != "track" and event_type in rules]
+    events = rules.get("events", [])
+    if type(events) is not list:
+        raise PlanUnusable('not a tracking plan: "rules.events" must be a list')
+    for index, entry in enumerate(events):
+        if type(entry) is not dict:
+            raise PlanUnusable(f"not a tracking plan: rules.events[{index}] is not an object")
+        event_type = entry.get("eventType", "track")  # RudderTyper's plan.json names the type
+        name = entry.get("name", _MISSING)
+        if event_type != "track" and name != "":
+            continue
+        entries.append((event_type, name, entry.get("rules", _MISSING),
+                        f"/rules/events/{index}/rules"))
+    return entries
+
+
+def load_tracking_plan(source, default_id: str) -> TrackingPlan:
+    """A parsed plan file (any of RudderStack's shapes) compiled for checking events.
+
+    ``default_id`` names the plan when it has no ``id`` (the file name without its extension).
+    Raises PlanUnusable when ``source`` is not a plan; a rule Ajv would refuse is not an error
+    but a line of ``problems``.
+    """
+    if type(source) is not dict:
+        raise PlanUnusable("not a tracking plan: the file must hold a JSON object")
+    plan_id = source.get("id")
+    if plan_id is None or plan_id == "":
+        plan_id = default_id
+    if type(plan_id) is not str:
+        raise PlanUnusable('not a tracking plan: "id" must be a string')
+    version = source.get("version")
+    if version is not None and not _is_integer(version):
+        raise PlanUnusable('not a tracking plan: "version" must be an integer')
+    rules: Dict[tuple, _Compiled] = {}
+    problems, categories = [], {}
+    for event_type, name, rule, pointer in _rule_entries(source):
+        if type(event_type) is not str or event_type not in CHECKED_EVENT_TYPES:
+            continue  # no event can ask for this entry
+        key = (event_type, _js_identity(name))
+        if key in rules or key[1] is None:
+            continue  # an earlier entry answers this lookup (or none can)
+        if _is_empty_rule(rule):
+            rules[key] = _NO_SCHEMA
+            continue
+        compiled = _compile_rule(rule, pointer, categories)
+        rules[key] = compiled
+        if compiled.problem:
+            who = f'track "{js_string(name)}"' if event_type == "track" else event_type
+            problems.append(f"{who}: {compiled.problem}")
+    return TrackingPlan(plan_id, int(version) if version is not None else None, rules, problems)
+
+
+class Verdict(NamedTuple):
+    """An event's verdict as rudder-server writes it into the event's context downstream of its
+    gateway, its members as JSON, and its violations as lines for people."""
+
+    fields: dict  # trackingPlanId, trackingPlanVersion, violationErrors (empty when it conforms)
+    members_json: bytes  # '"trackingPlanId":...,"violationErrors":[...]'
+    violations: Tuple[str, ...]  # 'Datatype-Mismatch at /properties/price: must be number'
+
+
+def plan_verdict(plan: TrackingPlan, event: dict) -> Verdict:
     errors = plan.violations(event)
-    context = event.get("context")
-    if context is None:
-        context = event["context"] = {}
-    if isinstance(context, dict):
-        context.update(trackingPlanId=plan.id, trackingPlanVersion=plan.version,
-                       violationErrors=errors)
-    return tuple(f"{error['type']} at {error['meta'].get('instancePath') or '/'}: "
-                 f"{error['message']}" for error in errors)
+    if not errors:
+        return Verdict(plan.conforming, plan.conforming_json, ())
+    fields = {**plan.conforming, "violationErrors": errors}
+    return Verdict(fields, encode_json(fields)[1:-1], tuple(
+        f"{error['type']} at {error['meta'].get('instancePath') or '/'}: {error['message']}"
+        for error in errors))
 
 
 def read_plan_file(path: str):
     """The tracking plan file's JSON; the plan's id defaults to the file's name without
     extension."""
-    with open(path, "rb") as file:
-        content = file.read()
+    try:
+        with open(path, "rb") as file:
+            content = file.read()
+    except OSError as error:
+        raise PlanUnusable(error.strerror or str(error)) from None
     try:
         document = parse_json(content)
     except Rejection:
@@ -603,10 +3836,10 @@ class TrackingPlans:
             self._plan = self._checked(load_tracking_plan(source, "tracking-plan"))
 
     def _checked(self, plan):
-        for problem in plan.problems:
-            logger.warning("tracking plan: %s; its events pass unchecked", problem)
         if plan.problems and self.strict:
             raise PlanUnusable(f"{plan.problems[0]} (--strict refuses a rule it cannot check)")
+        for problem in plan.problems:
+            logger.warning("tracking plan: %s; its events pass unchecked", problem)
         return plan
 
     def current(self):
@@ -624,9 +3857,9 @@ class TrackingPlans:
     def _reload(self) -> None:
         try:
             plan = self._checked(read_plan_file(self.path))
-        except (OSError, PlanUnusable) as error:
+        except PlanUnusable as error:
             logger.warning("tracking plan %s changed but cannot be used (%s); still checking with "
-                           "the previous one", self.path, getattr(error, "strerror", None) or error)
+                           "the previous one", self.path, error)
             return
         self._plan = plan
         logger.warning("tracking plan %s changed: checking with version %s from now on",
@@ -651,19 +3884,19 @@ class EventStore:
     Every request is one ``os.write`` of whole lines under one lock: the lines of a request are
     contiguous, concurrent requests never interleave, and a request never straddles two files. A
     write that fails is cut back to the last whole line before the error is raised, so the file
-    only ever holds whole lines. With ``mirror_fd`` (``--print``), the same lines go to that
-    descriptor too, in the same order, under the same lock.
+    only ever holds whole lines. With a ``printer`` (``--print``), the same lines are handed to it
+    in the same order, under the same lock.
 
     With ``fsync="always"``, requests share fsyncs (group commit): a writer whose lines are not yet
     on disk either starts an fsync that covers every line written so far, or waits for the one in
     progress and then the next, instead of paying for its own. """
 
     def __init__(self, data_dir: str, rotate_bytes: int, fsync: str,
-                 mirror_fd: Optional[int] = None):
+                 printer: Optional["EventPrinter"] = None):
         self.data_dir = data_dir
         self.rotate_bytes = rotate_bytes
         self.fsync = fsync
-        self.mirror_fd = mirror_fd
+        self.printer = printer
         self.path = os.path.join(data_dir, ACTIVE_FILE)
         self._lock = threading.Condition()
         os.makedirs(data_dir, exist_ok=True)
@@ -756,8 +3989,8 @@ class EventStore:
             self._written += 1
             if self.fsync == "always":
                 self._sync_through(self._written)
-            if self.mirror_fd is not None:
-                self._write_mirror(lines)
+            if self.printer is not None:
+                self.printer.put(lines)
 
     def _reopen_if_gone(self) -> None:
         """Notice that the active file, or the whole data directory, was deleted or moved away while
@@ -793,17 +4026,6 @@ class EventStore:
                 self._needs_repair = False
             raise
         self._size += len(lines)
-
-    def _write_mirror(self, lines: bytes) -> None:
-        """``--print``: the same lines to standard output. A reader that went away (``| head``) ends
-        the printing, not the server."""
-        view = memoryview(lines)
-        try:
-            while view:
-                view = view[os.write(self.mirror_fd, view):]
-        except OSError as error:
-            self.mirror_fd = None
-            logger.warning("stopped printing events: standard output failed (%s)", error.strerror)
 
     def _sync_through(self, ticket: int) -> None:
         """Return once the first ``ticket`` writes are on disk. Called, and returns, with the lock
@@ -841,6 +4063,7 @@ class EventStore:
         archive = os.path.join(self.data_dir, name)
         if self.fsync != "off":
             os.fsync(self._fd)  # its lines on disk before its new name is
+            self.fsyncs += 1
         os.rename(self.path, archive)
         try:
             new_fd, identity = self._open_active_file()
@@ -885,6 +4108,79 @@ class EventStore:
             os.close(self._fd)
 
 
+#: How much --print may hold for a reader that does not keep up; beyond it, lines are skipped.
+PRINT_BACKLOG_BYTES = 16 * 1024 * 1024
+
+
+class EventPrinter:
+    """``--print``: the stored lines, on standard output, in the order they were stored.
+
+    A thread of its own writes them, so that a reader that stops reading (a pager left paused, a
+    stuck ``jq``) holds up nothing but the printing. What waits for it is bounded: past
+    PRINT_BACKLOG_BYTES, lines are skipped (they are in the file) and that is said on standard
+    error, as is a reader that went away (``| head``), which ends the printing, not the server.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._waiting: collections.deque = collections.deque()
+        self._waiting_bytes = 0
+        self._skipped = 0  # events not printed since the reader last kept up
+        self._stopped = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._print_forever, name="rudderlite-print", daemon=True).start()
+
+    def put(self, lines: bytes) -> None:
+        """Hand over one request's lines; never waits for the reader."""
+        with self._changed:
+            if self._stopped:
+                return
+            if self._waiting_bytes + len(lines) > PRINT_BACKLOG_BYTES:
+                if not self._skipped:
+                    logger.warning("standard output is not being read: skipping events in --print "
+                                   "until it is (they are stored all the same)")
+                self._skipped += lines.count(b"\n")
+                return
+            self._waiting.append(lines)
+            self._waiting_bytes += len(lines)
+            self._changed.notify_all()
+
+    def _print_forever(self) -> None:
+        while True:
+            with self._changed:
+                while not self._waiting:
+                    self._changed.wait()
+                lines = self._waiting.popleft()
+            try:
+                self._write(lines)
+            except OSError as error:
+                with self._changed:
+                    self._stopped = True
+                    self._waiting.clear()
+                    self._changed.notify_all()
+                logger.warning("stopped printing events: standard output failed (%s)",
+                               error.strerror or error)
+                return
+            with self._changed:
+                self._waiting_bytes -= len(lines)
+                if self._skipped and not self._waiting:
+                    logger.warning("printing again; skipped %d events", self._skipped)
+                    self._skipped = 0
+                self._changed.notify_all()
+
+    def _write(self, lines: bytes) -> None:
+        view = memoryview(lines)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def flush(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for what waits to be printed (the server is stopping)."""
+        deadline = time.monotonic() + seconds
+        with self._changed:
+            while self._waiting_bytes and not self._stopped and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
+
+
 ###############################################################################
 # The inspection history: what /rudderlite/* answers from
 ###############################################################################
@@ -912,7 +4208,7 @@ class Entry(NamedTuple):
 
     cursor: int  # its place in the one sequence of everything recorded; only grows
     key: bytes  # key_digest of its write key
-    data: bytes  # the stored line of an event, or a rejection's record as JSON
+    data: bytes  # the stored line of an event (without its newline), or a rejection as JSON
     warnings: Tuple[str, ...]  # an event's contract violations
     valid: bool  # an event with no contract warning and no plan violation
 
@@ -921,54 +4217,60 @@ class Query(NamedTuple):
     """What /rudderlite/events and /rudderlite/rejected were asked for (README: the inspection
     API)."""
 
-    filters: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...] = ()  # (path, any of these values)
+    filters: Tuple[Tuple[Tuple[str, ...], frozenset, frozenset], ...] = ()  # see wanted_values
     after: Optional[int] = None  # only what was recorded after this cursor
-    limit: int = 0  # at most this many: the newest, or with ``after`` the first after it; 0: all
+    limit: Optional[int] = None  # at most this many: the newest, or with ``after`` the first
     wait: float = 0.0  # hold the answer up to this many seconds ...
     minimum: int = 1  # ... until this many match
     valid: Optional[bool] = None  # only events with (False) or without (True) any violation
 
 
 class Found(NamedTuple):
-    """An answer of the history: the matching records, the cursor to follow them with, and whether
+    """An answer of the history: the matching entries, the cursor to follow them with, and whether
     the bounded history dropped something recorded after the cursor it was asked about."""
 
-    records: List[dict]
+    entries: List[Entry]
     cursor: int
     missed: bool
 
 
 class KeyCounts:
-    """What /rudderlite/stats says of one key, and the newest cursor its bounded history dropped."""
+    """What /rudderlite/stats says of one key, and the newest cursor of each of its lists that the
+    bounded history dropped."""
 
     def __init__(self):
         self.accepted: collections.Counter = collections.Counter()
         self.rejected: collections.Counter = collections.Counter()
         self.valid = self.invalid = 0
-        self.dropped_through = 0
+        self.dropped_through = {"events": 0, "rejected": 0}
 
 
 class History:
     """The recent accepted events and rejections, bounded in count and bytes, with one sequence of
     cursors for both.
 
-    Events are kept as their stored lines (compact bytes, decoded only when asked for), so the
-    bound in bytes is close to the memory they take. One lock guards it all and is only ever held
+    Events are kept as their stored lines (compact bytes, decoded only when asked for), so the bound
+    in bytes is close to the memory they take. One lock guards it all and is only ever held
     briefly: decoding and filtering happen outside it. A long-poll (``wait=``) waits on a condition
     of its own write key, so an event wakes only the polls of its key, and on waking looks only at
     what is newer than what it already saw: waiting costs the senders nothing, and a poll costs in
-    proportion to what is new for it, not to the history. """
+    proportion to what is new for it, not to the history.
+    """
 
     def __init__(self, max_events: int, max_bytes: int):
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._events: collections.deque = collections.deque()
-        self._bytes = 0
-        self._rejections: collections.deque = collections.deque()
-        self._last_cursor = 0
+        #: "events" and "rejected": their entries, oldest first.
+        self._lists: Dict[str, collections.deque] = {"events": collections.deque(),
+                                                     "rejected": collections.deque()}
+        self._bytes = 0  # of the events
+        # Cursors start from the time in microseconds, so those of a later run are larger still.
+        self._last_cursor = time.time_ns() // 1000
         self._counts: "collections.OrderedDict[bytes, KeyCounts]" = collections.OrderedDict()
-        self._waiting: Dict[Optional[bytes], threading.Condition] = {}  # key -> its polls
+        self._all_keys = KeyCounts()  # of every key: what it dropped
+        self._waiting: Dict[Optional[bytes], threading.Condition] = {}  # key -> its polls' ...
+        self._pollers: collections.Counter = collections.Counter()  # ... and how many they are
         self._closed = False
 
     @property
@@ -984,10 +4286,18 @@ class History:
             self._counts.popitem(last=False)
         return counts
 
-    def _wake(self, key: bytes) -> None:
-        for waiting in (self._waiting.get(key), self._waiting.get(None)):
-            if waiting is not None:
+    def _append(self, kind: str, entry: Entry) -> None:
+        self._lists[kind].append(entry)
+        for waiting in (self._waiting.get(entry.key), self._waiting.get(None)):
+            if waiting is not None:  # the polls of this key, and those of every key, look again
                 waiting.notify_all()
+
+    def _drop_oldest(self, kind: str) -> Entry:
+        dropped = self._lists[kind].popleft()
+        self._all_keys.dropped_through[kind] = dropped.cursor
+        if dropped.key in self._counts:
+            self._counts[dropped.key].dropped_through[kind] = dropped.cursor
+        return dropped
 
     def record_accepted(self, key: bytes, events: List[StoredEvent]) -> None:
         with self._lock:
@@ -995,63 +4305,56 @@ class History:
             for event in events:
                 self._last_cursor += 1
                 valid = not (event.warnings or event.violations)
-                entry = Entry(self._last_cursor, key, event.line, event.warnings, valid)
-                self._events.append(entry)
+                line = event.line[:-1]  # without its newline, so an answer shows it as it is
+                entry = Entry(self._last_cursor, key, line, event.warnings, valid)
+                self._append("events", entry)
                 self._bytes += entry_size(entry)
                 counts.accepted[event.type if event.type in EVENT_TYPES else "other"] += 1
                 counts.valid += valid
                 counts.invalid += not valid
-            while len(self._events) > self.max_events or self._bytes > self.max_bytes:
-                dropped = self._events.popleft()
-                self._bytes -= entry_size(dropped)
-                if dropped.key in self._counts:
-                    self._counts[dropped.key].dropped_through = dropped.cursor
-            self._wake(key)
+            while len(self._lists["events"]) > self.max_events or self._bytes > self.max_bytes:
+                self._bytes -= entry_size(self._drop_oldest("events"))
 
     def record_rejected(self, key: bytes, record: dict) -> None:
         with self._lock:
-            self._last_cursor += 1
-            self._rejections.append(Entry(self._last_cursor, key, encode_json(record), (), False))
-            if len(self._rejections) > MAX_REJECTIONS:
-                dropped = self._rejections.popleft()
-                if dropped.key in self._counts:
-                    self._counts[dropped.key].dropped_through = dropped.cursor
             self._counts_of(key).rejected[str(record["status"])] += 1
-            self._wake(key)
+            self._last_cursor += 1
+            self._append("rejected", Entry(self._last_cursor, key, encode_json(record), (), False))
+            if len(self._lists["rejected"]) > MAX_REJECTIONS:
+                self._drop_oldest("rejected")
 
-    def events(self, key: Optional[bytes], query: Query) -> Found:
-        """This key's events (every key's for None) that match the query, oldest first."""
-        return self._find(self._events, key, query, event_record)
-
-    def rejections(self, key: bytes, query: Query) -> Found:
-        """This key's rejections that match the query, oldest first."""
-        return self._find(self._rejections, key, query, rejection_record)
-
-    def _find(self, entries: collections.deque, key: Optional[bytes], query: Query,
-              to_record: Callable[[Entry], dict]) -> Found:
-        """The records of ``entries`` that match, held until ``query.minimum`` of them are there
-        when asked to wait. Each turn looks only at what was recorded since the previous one."""
+    def find(self, kind: str, key: Optional[bytes], query: Query) -> Found:
+        """This key's events or rejections (every key's for None) that match the query, oldest
+        first, held until ``query.minimum`` of them are there when asked to wait. Each turn looks
+        only at what was recorded since the previous one."""
         deadline = time.monotonic() + min(query.wait, MAX_WAIT_SECONDS)
         seen = query.after or 0
-        found: List[Tuple[int, dict]] = []
-        with self._lock:
-            counts = self._counts.get(key) if key is not None else None
-            missed = (query.after is not None and counts is not None
-                      and counts.dropped_through > seen)
+        found: List[Entry] = []
+        missed = False
         while True:
-            new, seen = self._entries_after(entries, key, seen)
-            found += [(entry.cursor, to_record(entry)) for entry in new
-                      if matches(entry, to_record, query)]
+            new, newly_missed, seen = self._entries_after(kind, key, seen)
+            missed = missed or newly_missed
+            found += [entry for entry in new if matching(entry, RECORD_JSON[kind], query)]
             remaining = deadline - time.monotonic()
-            if len(found) >= query.minimum or remaining <= 0 or not self._wait_for_news(key, seen,
-                                                                                       remaining):
+            if len(found) >= query.minimum or remaining <= 0:
                 break
-        return answer_of(found, seen, missed, query)
+            if not self._wait_for_news(key, seen, remaining):
+                break
+        return limited(found, seen, missed and query.after is not None, query)
 
-    def _entries_after(self, entries: collections.deque, key: Optional[bytes],
-                       seen: int) -> Tuple[List[Entry], int]:
-        """The entries of this key recorded after cursor ``seen``, and the cursor they reach."""
+    def _entries_after(self, kind: str, key: Optional[bytes],
+                       seen: int) -> Tuple[List[Entry], bool, int]:
+        """The entries of this key recorded after cursor ``seen``; whether the history dropped any
+        of them first; and the cursor that this look reaches."""
         with self._lock:
+            entries = self._lists[kind]
+            counts = self._counts.get(key) if key is not None else None
+            # A key whose counts were forgotten (a thousand other keys came since) may have lost
+            # anything the history dropped.
+            dropped_through = (counts or self._all_keys).dropped_through[kind]
+            missed = dropped_through > seen
+            if seen > self._last_cursor:  # a cursor from a clock set back: follow from the start
+                seen, missed = 0, True
             if not entries or entries[0].cursor > seen:
                 newer = list(entries)  # all of them: a copy is quicker than a walk
             else:
@@ -1061,7 +4364,8 @@ class History:
                         break
                     newer.append(entry)
                 newer.reverse()
-            return [entry for entry in newer if key is None or entry.key == key], self._last_cursor
+            mine = [entry for entry in newer if key is None or entry.key == key]
+            return mine, missed, self._last_cursor
 
     def _wait_for_news(self, key: Optional[bytes], seen: int, seconds: float) -> bool:
         """Wait until something is recorded for this key after ``seen``; False once closed."""
@@ -1071,11 +4375,13 @@ class History:
             if self._last_cursor != seen:
                 return True  # recorded while the last turn was looking: look again
             waiting = self._waiting.setdefault(key, threading.Condition(self._lock))
+            self._pollers[key] += 1
             try:
                 waiting.wait(seconds)
             finally:
-                if not getattr(waiting, "_waiters", True):  # the last poll of this key: forget it
-                    self._waiting.pop(key, None)
+                self._pollers[key] -= 1
+                if not self._pollers[key]:  # the last poll of this key: forget its condition
+                    del self._pollers[key], self._waiting[key]
             return not self._closed
 
     def stats(self, key: bytes) -> dict:
@@ -1088,10 +4394,11 @@ class History:
         """Forget this key's events, rejections and counts (the files are untouched; cursors go
         on)."""
         with self._lock:
-            self._events = collections.deque(entry for entry in self._events if entry.key != key)
-            self._bytes = sum(map(entry_size, self._events))
-            self._rejections = collections.deque(entry for entry in self._rejections
-                                                 if entry.key != key)
+            for entries in self._lists.values():
+                kept = [entry for entry in entries if entry.key != key]
+                entries.clear()
+                entries.extend(kept)
+            self._bytes = sum(map(entry_size, self._lists["events"]))
             self._counts.pop(key, None)
 
     def close(self) -> None:
@@ -1108,60 +4415,80 @@ def entry_size(entry: Entry) -> int:
     return len(entry.data) + sum(map(len, entry.warnings)) + ENTRY_OVERHEAD_BYTES
 
 
-def event_record(entry: Entry) -> dict:
-    """An event as /rudderlite/events shows it: the stored event, plus its contract warnings."""
-    event = json.loads(entry.data)
-    if entry.warnings:
-        event["warnings"] = list(entry.warnings)
-    return event
+def event_json(entry: Entry) -> bytes:
+    """An event as /rudderlite/events shows it: its stored line, plus its contract warnings."""
+    if not entry.warnings:
+        return entry.data
+    return entry.data[:-1] + b',"warnings":' + encode_json(list(entry.warnings)) + b"}"
 
 
-def rejection_record(entry: Entry) -> dict:
-    return json.loads(entry.data)
+def rejection_json(entry: Entry) -> bytes:
+    return entry.data
 
 
-def matches(entry: Entry, to_record: Callable[[Entry], dict], query: Query) -> bool:
-    """Whether an entry passes the query's ``valid`` and filters (decoding it only when needed)."""
+#: How the entries of each list of the history are shown.
+RECORD_JSON = {"events": event_json, "rejected": rejection_json}
+
+
+def decoded(entry: Entry, record_json: Callable[[Entry], bytes]) -> Optional[dict]:
+    """An entry as a dict, or None for an event nested too deep to decode here (the stack of this
+    call is deeper than the one that took it in)."""
+    try:
+        return json.loads(record_json(entry))
+    except RecursionError:
+        return None
+
+
+def matching(entry: Entry, record_json: Callable[[Entry], bytes], query: Query) -> bool:
+    """Whether an entry passes the query's ``valid`` and filters; it is only decoded for filters."""
     if query.valid is not None and entry.valid != query.valid:
         return False
     if not query.filters:
         return True
-    record = to_record(entry)
-    return all(field_matches(record, path, wanted) for path, wanted in query.filters)
+    record = decoded(entry, record_json)
+    return record is not None and all(field_matches(record, path, texts, numbers)
+                                      for path, texts, numbers in query.filters)
 
 
-def field_matches(record: dict, path: Tuple[str, ...], wanted: Tuple[str, ...]) -> bool:
-    """Whether the value at ``path`` (``properties.orderId``) is one of the wanted texts: a string
-    as it is, a number as a number (``1`` finds ``1.0``), anything else as its JSON text."""
+def field_matches(record: dict, path: Tuple[str, ...], texts: frozenset,
+                  numbers: frozenset) -> bool:
+    """Whether the value at ``path`` (``properties.orderId``) is one of the wanted ones: a string
+    one of the ``texts``, a number one of the ``numbers`` (``1`` finds ``1.0``), anything else
+    its compact JSON one of the ``texts``."""
     value = record
     for part in path:
         if not isinstance(value, dict) or part not in value:
             return False
         value = value[part]
     if isinstance(value, str):
-        return value in wanted
+        return value in texts
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return any(number_or_none(text) == value for text in wanted)
-    return encode_json(value).decode("utf-8") in wanted
+        return value in numbers
+    return encode_json(value).decode("utf-8") in texts
 
 
-def number_or_none(text: str) -> Optional[float]:
-    try:
-        return _finite_float(text)
-    except ValueError:
-        return None
+def wanted_values(texts) -> Tuple[frozenset, frozenset]:
+    """A filter's wanted values, as texts and, those that are numbers, as numbers: turned once per
+    query, not once per event."""
+    numbers = set()
+    for text in texts:
+        with contextlib.suppress(ValueError):
+            numbers.add(_finite_float(text))
+    return frozenset(texts), frozenset(numbers)
 
 
-def answer_of(found: List[Tuple[int, dict]], seen: int, missed: bool, query: Query) -> Found:
+def limited(found: List[Entry], seen: int, missed: bool, query: Query) -> Found:
     """Apply ``limit``: without ``after`` the newest N; with it the first N, the cursor then
-    standing after the last one returned, so a client that follows cursors sees everything once, in
-    order."""
-    if not query.limit or len(found) <= query.limit:
-        return Found([record for _cursor, record in found], seen, missed)
-    if query.after is None:
-        return Found([record for _cursor, record in found[-query.limit:]], seen, missed)
-    kept = found[:query.limit]
-    return Found([record for _cursor, record in kept], kept[-1][0], missed)
+    standing after the last one returned, so that a client that follows cursors sees everything
+    once, in order."""
+    cursor = seen
+    if query.limit is not None and len(found) > query.limit:
+        if query.after is None:
+            found = found[len(found) - query.limit:]
+        else:
+            found = found[:query.limit]
+            cursor = found[-1].cursor if found else query.after
+    return Found(found, cursor, missed)
 
 
 ###############################################################################
@@ -1178,9 +4505,14 @@ MAX_TRAILER_LINES = 64
 HEX_DIGITS = re.compile(rb"[0-9a-fA-F]{1,16}")
 DECIMAL_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() would also take "²"
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 §5.6.2
-REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") (\S+) (HTTP/1\.[01])\r?\n")
-HEADER_LINE = re.compile(rb"(" + TOKEN + rb"):[ \t]*(.*?)[ \t]*\r?\n")
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([!-~\x80-\xff]+) (HTTP/1\.[01])\r?\n")
+ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+FIELD_NAME = re.compile(TOKEN)
+FORBIDDEN_IN_VALUES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls, but for the tab
+#: What may not be echoed into a header or a log line: control characters, and the format and
+#: separator characters that reorder or break a line on a terminal.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e"
+                                "\u2060-\u2069\ufeff]")
 #: Content-Length values Go's net/http accepts: a decimal that fits in 63 bits.
 LARGEST_CONTENT_LENGTH = 2 ** 63 - 1
 
@@ -1207,6 +4539,7 @@ class Request:
     #: Whether the client lets the connection carry another request after this one.
     keep_alive: bool = True
     #: Filled in while the request is answered.
+    takes_events: bool = False
     write_key: Optional[str] = None
     body_read: bool = False
     body_limit: int = 0  # the most this request's endpoint reads, on the wire
@@ -1270,23 +4603,23 @@ def read_request_head(rfile, limit: int) -> Tuple[bytes, bytes]:
 def parse_request(request_line: bytes, header_block: bytes, peer_ip: str) -> Request:
     """The Request of a head: method, target, version and header fields (RFC 9112 §3 and §5).
 
-    Folded header lines (obs-fold) are refused, as RFC 9112 §5.2 allows. The body's framing is read
-    here too, since the connection's fate depends on it whatever the answer is.
+    Folded header lines (obs-fold) and bare CRs are refused, as RFC 9112 §5.2 and §2.2 allow. The
+    body's framing is read here too, since the connection's fate depends on it whatever the answer.
     """
     parsed = REQUEST_LINE.fullmatch(request_line)
     if not parsed:
         raise Rejection(BAD_REQUEST, close=True)
     method, target, version = (part.decode("latin-1") for part in parsed.groups())
     headers: Dict[str, str] = {}
-    for line in header_block.splitlines(keepends=True)[:-1]:  # the last line is the empty one
-        field = HEADER_LINE.fullmatch(line)
-        if not field:
-            raise Rejection(BAD_REQUEST, close=True)
-        name, value = field.group(1).decode("latin-1").lower(), field.group(2).decode("latin-1")
+    for line in header_block.split(b"\n")[:-2]:  # the last two: the empty line, and after it
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        name, colon, value = line.partition(b":")
+        if not colon or not FIELD_NAME.fullmatch(name) or FORBIDDEN_IN_VALUES.search(value):
+            raise Rejection(BAD_REQUEST, close=True)  # RFC 9112 §2.2 and §5.2, RFC 9110 §5.5
+        name, value = name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    request = Request(method, target, version, headers, peer_ip)
-    with contextlib.suppress(ValueError):  # such as an unclosed "[" in an absolute-form target
-        request.url = urllib.parse.urlsplit(target)
+    request = Request(method, target, version, headers, peer_ip, url=split_target(target))
     options = {option.strip() for option in headers.get("connection", "").lower().split(",")}
     request.keep_alive = "close" not in options and (version == "HTTP/1.1"
                                                      or "keep-alive" in options)
@@ -1298,6 +4631,18 @@ def parse_request(request_line: bytes, header_block: bytes, peer_ip: str) -> Req
         request.keep_alive = False  # RFC 9112 §6.1: smuggling, or a client too old for chunked
     request.body_read = not request.has_body
     return request
+
+
+def split_target(target: str) -> urllib.parse.SplitResult:
+    """The path and query of a request target (RFC 9112 §3.2). Only a target that begins with a
+    scheme is absolute-form, with an authority (which takes the place of Host); any other is a path:
+    ``//127.0.0.1/x`` is the path ``//127.0.0.1/x``, not a host."""
+    if ABSOLUTE_FORM.match(target):
+        with contextlib.suppress(ValueError):  # such as an unclosed "[": then it is no route
+            return urllib.parse.urlsplit(target)
+        return urllib.parse.SplitResult("", "", "", "", "")
+    path, _, query = target.partition("?")
+    return urllib.parse.SplitResult("", "", path, query, "")
 
 
 def body_framing(headers: Dict[str, str]) -> Tuple[int, bool]:
@@ -1381,18 +4726,20 @@ def header_safe(value: str) -> str:
     return CONTROL_CHARACTERS.sub("", value)
 
 
+HOST_AND_PORT = re.compile(r"(?:\[(?P<literal>[^\]]*)\]|(?P<name>[^:\[\]]*))(?::[0-9]*)?")
+
+
 def host_name(value: str) -> str:
-    """The host of a ``Host`` header or a target's authority, without port, lower case, and without
-    the trailing dot of a fully qualified name."""
+    """The host of a ``Host`` header or a target's authority: without its port, in lower case, a
+    name without the trailing dot of a fully qualified one. What is no host at all is returned as
+    it is, and so is never allowed."""
     value = value.strip().lower()
-    if is_ip_address(value):
+    if is_ip_address(value):  # an IPv6 address without brackets
         return value
-    if value.startswith("["):
-        return value[1:].partition("]")[0]
-    name, colon, port = value.rpartition(":")
-    if colon and DECIMAL_DIGITS.fullmatch(port or "0"):
-        value = name
-    return value.rstrip(".")
+    parts = HOST_AND_PORT.fullmatch(value)
+    if not parts:
+        return value
+    return parts["literal"] if parts["literal"] is not None else parts["name"].rstrip(".")
 
 
 def is_ip_address(text: str) -> bool:
@@ -1443,7 +4790,7 @@ def events_summary(events: List[StoredEvent]) -> str:
     type with their commonest names; then who sent them; then how many broke the contract or the
     plan."""
     def type_of(event: StoredEvent) -> str:
-        return event.type if isinstance(event.type, str) else "?"
+        return shown(event.type) if isinstance(event.type, str) else "?"
 
     if len(events) <= EVENTS_NAMED:
         what = ", ".join(f'{type_of(event)} "{shown(event.name)}"' if event.name else type_of(event)
@@ -1463,14 +4810,19 @@ def events_summary(events: List[StoredEvent]) -> str:
 
 
 def people_summary(events: List[StoredEvent]) -> str:
+    """Who sent the events: their userIds (two, and how many more), and their anonymousIds too for
+    a single event or when none has a userId."""
     users = list(dict.fromkeys(event.user_id for event in events if event.user_id))
     anonymous = list(dict.fromkeys(event.anonymous_id for event in events if event.anonymous_id))
-    parts = []
-    for label, ids in (("user", users), ("anonymous", anonymous)):
-        if ids and (label == "user" or not users or len(events) == 1):
-            more = f" +{len(ids) - 2}" if len(ids) > 2 else ""
-            parts.append(f"{label} " + ", ".join(map(shown, ids[:2])) + more)
+    named = [("user", users)]
+    if len(events) == 1 or not users:
+        named.append(("anonymous", anonymous))
+    parts = [f"{label} {first_two(ids)}" for label, ids in named if ids]
     return " · " + ", ".join(parts) if parts else ""
+
+
+def first_two(ids: List[str]) -> str:
+    return ", ".join(map(shown, ids[:2])) + (f" +{len(ids) - 2}" if len(ids) > 2 else "")
 
 
 def problems_summary(events: List[StoredEvent]) -> str:
@@ -1492,15 +4844,15 @@ def shown_problem(text: str) -> str:
 
 def request_summary(request: Request, status: int, message: str) -> Optional[str]:
     """The request's line on standard error (after the time), or None for a request that needs none:
-    every request that brought events, and every refused one."""
-    path = loggable_target(request.url.path or request.target) or "-"
+    every request that brought events, and every refused one (with its query, keys blanked)."""
     if request.accepted:
-        return f"{status} {path} {events_summary(request.accepted)}"
+        return f"{status} {header_safe(request.url.path)} {events_summary(request.accepted)}"
     if status < 400:
         return None
-    detail = f" ({shown_problem(request.refusal.detail)})" if request.refusal and \
-        request.refusal.detail else ""
-    return f"{status} {request.method or '-'} {path} {message}{detail}"
+    target = loggable_target(request.target) or "-"
+    detail = request.refusal.detail if request.refusal else ""
+    return f"{status} {request.method or '-'} {target} {message}" + (
+        f" ({shown_problem(detail)})" if detail else "")
 
 
 class TerminalFormatter(logging.Formatter):
@@ -1535,7 +4887,7 @@ def log_answer(request: Request, status: int, message: str) -> None:
         tone = "warned"
     else:
         tone = "stored"
-    logger.info("%s", summary, extra={"tone": tone})
+    logger.info("%s", header_safe(summary), extra={"tone": tone})
 
 
 ###############################################################################
@@ -1547,7 +4899,7 @@ class Response(NamedTuple):
     """An answer, made by the endpoint or the refusal, written by ``RequestHandler.send``."""
 
     status: int
-    body: bytes = b""
+    body: Union[bytes, Tuple[bytes, ...]] = b""  # one piece, or pieces written one after another
     content_type: str = "text/plain; charset=utf-8"
     headers: Tuple[str, ...] = ()
     close: bool = False  # the connection cannot carry another request after this answer
@@ -1563,6 +4915,7 @@ class Endpoint(NamedTuple):
     methods: Tuple[str, ...]  # HEAD is answered wherever GET is, without the body
     answer: str  # the RequestHandler method that answers it, once the checks before it passed
     key_from: str  # where its write key comes from: "header", "query", "header or query", or ""
+    takes_events: bool = False  # its refusals are recorded for /rudderlite/rejected
 
 
 #: What rudder-server's gateway answers on /health while it can store events.
@@ -1593,10 +4946,10 @@ class RequestHandler(socketserver.StreamRequestHandler):
 
     #: path -> Endpoint; the order of the checks is in dispatch().
     ROUTES = {
-        **{f"/v1/{event_type}": Endpoint(("POST",), "accept_single", "header")
+        **{f"/v1/{event_type}": Endpoint(("POST",), "accept_single", "header", True)
            for event_type in EVENT_TYPES},
-        "/v1/batch": Endpoint(("POST",), "accept_batch", "header"),
-        "/beacon/v1/batch": Endpoint(("POST",), "accept_batch", "query"),  # navigator.sendBeacon
+        "/v1/batch": Endpoint(("POST",), "accept_batch", "header", True),
+        "/beacon/v1/batch": Endpoint(("POST",), "accept_batch", "query", True),  # sendBeacon
         "/": Endpoint(("GET",), "answer_health", ""),
         "/health": Endpoint(("GET",), "answer_health", ""),
         "/version": Endpoint(("GET",), "answer_version", ""),
@@ -1667,6 +5020,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
             if request.method == "OPTIONS":
                 return self.answer_preflight(request)  # 204, before any auth
             endpoint = self.route(request)  # 404, then 405
+            request.takes_events = endpoint.takes_events
             if endpoint.key_from:
                 request.write_key = self.authenticate(request, endpoint.key_from)  # 401, 401
             return getattr(self, endpoint.answer)(request)  # events: 413, 400s, 500
@@ -1716,10 +5070,12 @@ class RequestHandler(socketserver.StreamRequestHandler):
         return write_key
 
     def refuse(self, request: Request, rejection: Rejection) -> Response:
-        """The answer to a refused request, recorded for /rudderlite/rejected under its write key
-        once the key is known and allowed (before that, nobody may read it)."""
+        """The answer to a refused request. A refused request to an event endpoint is recorded
+        for /rudderlite/rejected under its write key, once the key is known and allowed (before
+        that, nobody may read it); refusals of the inspection API itself are not, so that the list
+        says only what an app sent."""
         request.refusal = rejection
-        if request.write_key is not None:
+        if request.write_key is not None and request.takes_events:
             self.server.history.record_rejected(key_digest(request.write_key), {
                 "status": rejection.answer.status,
                 "message": rejection.answer.message,
@@ -1748,12 +5104,14 @@ class RequestHandler(socketserver.StreamRequestHandler):
         return not can_drain
 
     def send(self, request: Request, response: Response, closes: bool) -> None:
-        """Write the whole answer in one send: status line, headers, body (none for HEAD or 204)."""
+        """Write the answer: status line, headers and body (none for HEAD or 204) in one send, or
+        for a body of many pieces, in sends of about 64 KiB."""
+        pieces = (response.body,) if isinstance(response.body, bytes) else response.body
         lines = [f"HTTP/1.1 {response.status} {http.HTTPStatus(response.status).phrase}",
                  f"Date: {http_date(int(time.time()))}"]
         if response.status != 204:
             lines += [f"Content-Type: {response.content_type}",
-                      f"Content-Length: {len(response.body)}"]
+                      f"Content-Length: {sum(map(len, pieces))}"]
         origin = self.cors_origin(request)
         if origin is not None:  # on every answer to a browser, errors too, or it cannot read them
             lines += [f"Access-Control-Allow-Origin: {origin}",
@@ -1764,8 +5122,15 @@ class RequestHandler(socketserver.StreamRequestHandler):
         if closes:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if request.method == "HEAD" else head + response.body)
-        log_answer(request, response.status, response.body.decode("utf-8", "replace")
+        send_size, waiting = len(head), [head]
+        for piece in pieces if request.method != "HEAD" else ():
+            if send_size + len(piece) > 65536:
+                self.wfile.write(b"".join(waiting))
+                send_size, waiting = 0, []
+            send_size += len(piece)
+            waiting.append(piece)
+        self.wfile.write(b"".join(waiting))
+        log_answer(request, response.status, b"".join(pieces).decode("utf-8", "replace")
                    if response.status >= 400 else "")
 
     def cors_origin(self, request: Request) -> Optional[str]:
@@ -1795,10 +5160,10 @@ class RequestHandler(socketserver.StreamRequestHandler):
 
     # -- bodies -----------------------------------------------------------------------------------
 
-    def read_body(self, request: Request, limit: int) -> bytes:
-        """The body, gzip undone, refused while it is read once it passes ``limit`` (413 before any
-        parsing). Once it is read, the server's work begins and no deadline cuts it short."""
-        gzipped = request.headers.get("content-encoding", "").strip().lower() in ("gzip", "x-gzip")
+    def read_body(self, request: Request, limit: int, gzipped: bool) -> bytes:
+        """The body as sent, refused while it is read once it passes ``limit`` (or what can carry
+        ``limit`` inflated bytes): 413 before any parsing. Once it is read, the server's work
+        begins and no deadline cuts it short."""
         request.body_limit = compressed_limit(limit) if gzipped else limit
         if not request.chunked and request.body_length > request.body_limit:
             raise Rejection(REQUEST_TOO_LARGE)
@@ -1812,11 +5177,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
         request.body_read = True
         self.server.connections.work(self.connection)
         request.body_preview = raw[:REJECTED_PREVIEW_BYTES]
-        if not gzipped:
-            return raw
-        body = inflate_gzip(raw, limit)
-        request.body_preview = body[:REJECTED_PREVIEW_BYTES]
-        return body
+        return raw
 
     def finish(self) -> None:
         """Close gently after an early answer: shut our side, then read what the client still sends
@@ -1849,9 +5210,13 @@ class RequestHandler(socketserver.StreamRequestHandler):
         (413 for one too large, the 400s), their storage (500); then they are visible to
         /rudderlite/events before the 200 is sent."""
         server, config = self.server, self.server.config
-        body = self.read_body(request, config.max_event_bytes if type_from_path
-                              else config.max_batch_bytes)
-        with server.parsing.reserve(len(body)):
+        limit = config.max_event_bytes if type_from_path else config.max_batch_bytes
+        gzipped = request.headers.get("content-encoding", "").strip().lower() in ("gzip", "x-gzip")
+        body = self.read_body(request, limit, gzipped)
+        with server.parsing.reserve(limit if gzipped else len(body)):  # what it may become
+            if gzipped:
+                body = inflate_gzip(body, limit)
+                request.body_preview = body[:REJECTED_PREVIEW_BYTES]
             received_at = utc_timestamp(datetime.datetime.now(datetime.timezone.utc))
             forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
             stored = process_body(body, type_from_path, config, received_at,
@@ -1888,16 +5253,24 @@ class RequestHandler(socketserver.StreamRequestHandler):
                                  "Cache-Control: no-store"))
 
     def inspect_events(self, request: Request) -> Response:
-        found = self.server.history.events(key_digest(request.write_key),
-                                           parse_query(request.url.query))
-        return json_response({"events": found.records, "cursor": found.cursor,
-                              "missed": found.missed})
+        return self.inspect("events", request)
 
     def inspect_rejected(self, request: Request) -> Response:
-        found = self.server.history.rejections(key_digest(request.write_key),
-                                               parse_query(request.url.query))
-        return json_response({"rejected": found.records, "cursor": found.cursor,
-                              "missed": found.missed})
+        return self.inspect("rejected", request)
+
+    def inspect(self, kind: str, request: Request) -> Response:
+        """``{"events": [...], "cursor": N, "missed": false}`` (or ``"rejected"``), made of the
+        stored lines as they are: nothing is decoded to answer, and the answer is written piece by
+        piece, so a client that reads it slowly holds no copy of the history."""
+        found = self.server.history.find(kind, key_digest(request.write_key),
+                                         parse_query(request.url.query))
+        record_json = RECORD_JSON[kind]
+        parts = [b'{"%s":[' % kind.encode()]
+        for number, entry in enumerate(found.entries):
+            parts += [b"," if number else b"", record_json(entry)]
+        parts.append(b'],"cursor":%d,"missed":%s}' % (found.cursor,
+                                                       b"true" if found.missed else b"false"))
+        return Response(200, tuple(parts), "application/json")
 
     def inspect_stats(self, request: Request) -> Response:
         return json_response(self.server.history.stats(key_digest(request.write_key)))
@@ -1920,9 +5293,9 @@ def parse_query(text: str) -> Query:
     valid = options.get("valid")
     if valid not in (None, "true", "false"):
         raise Rejection(BAD_QUERY, "valid takes true or false")
-    return Query(filters=tuple((path, tuple(values)) for path, values in filters.items()),
+    return Query(filters=tuple((path, *wanted_values(values)) for path, values in filters.items()),
                  after=query_number(options, "after", None),
-                 limit=query_number(options, "limit", 0),
+                 limit=query_number(options, "limit", None),
                  minimum=query_number(options, "min", 1), wait=query_seconds(options),
                  valid=None if valid is None else valid == "true")
 
@@ -1938,10 +5311,9 @@ def query_number(options: Dict[str, str], name: str, default: Optional[int]) -> 
 
 def query_seconds(options: Dict[str, str]) -> float:
     text = options.get("wait", "0")
-    seconds = number_or_none(text) if DECIMAL_NUMBER.fullmatch(text) else None
-    if seconds is None:
+    if not DECIMAL_NUMBER.fullmatch(text) or len(text) > 18:
         raise Rejection(BAD_QUERY, "wait takes seconds, such as 5 or 0.5")
-    return seconds
+    return float(text)
 
 
 DECIMAL_NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?")
@@ -1953,8 +5325,10 @@ DECIMAL_NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?")
 
 #: At shutdown, how long requests in flight may take to finish.
 SHUTDOWN_GRACE_SECONDS = 10.0
+#: At shutdown, how long --print may take to print what waits for it.
+PRINT_FLUSH_SECONDS = 5.0
 #: How often the watchdog looks for connections past their deadline.
-WATCHDOG_SECONDS = 0.5
+WATCHDOG_SECONDS = 0.25
 
 
 @dataclasses.dataclass
@@ -2113,8 +5487,8 @@ class RudderliteServer(http.server.ThreadingHTTPServer):
         super().__init__((config.host, config.port), RequestHandler)  # bind first: a start that
         try:  # fails on a busy port must leave no data directory behind
             self.plans = TrackingPlans(config.tracking_plan, config.strict)
-            mirror = sys.stdout.fileno() if config.print_events else None
-            self.store = EventStore(config.data_dir, config.rotate_bytes, config.fsync, mirror)
+            printer = EventPrinter(sys.stdout.fileno()) if config.print_events else None
+            self.store = EventStore(config.data_dir, config.rotate_bytes, config.fsync, printer)
         except BaseException:
             self.server_close()
             raise
@@ -2165,6 +5539,8 @@ class RudderliteServer(http.server.ThreadingHTTPServer):
         once, which every SDK retries."""
         if self.connections.admit(request):
             return super().process_request(request, client_address)
+        if self.connections.closing:
+            return self.shutdown_request(request)  # stopping: as if it came a moment later
         with contextlib.suppress(OSError):
             request.settimeout(0.5)
             body = TOO_MANY_CONNECTIONS.message.encode()
@@ -2197,14 +5573,16 @@ class RudderliteServer(http.server.ThreadingHTTPServer):
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self.connections.close_idle()  # first: every answer from now on says Connection: close
         self._wakeup_writer.send(b"\0")
         if self._serving is not None:
             self._serving.join()
         self.socket.close()
-        self.connections.close_idle()
         self.history.close()  # long-polls answer now with what they have
         self.connections.wait_until_closed(grace)
         self.store.close()
+        if self.store.printer is not None:
+            self.store.printer.flush(PRINT_FLUSH_SECONDS)
         self._wakeup_reader.close()
         self._wakeup_writer.close()
 
@@ -2220,7 +5598,7 @@ class RudderliteServer(http.server.ThreadingHTTPServer):
                  **filters) -> List[dict]:
         """The events sent with ``write_key`` (any key for None) that match the filters, oldest
         first, as /rudderlite/events answers them: ``received("KEY", event="Signed Up")``."""
-        return self.history.events(embedded_key(write_key), embedded_query(after, filters)).records
+        return self.events_of(write_key, embedded_query(after, filters))
 
     def wait_for(self, write_key: Optional[str] = None, count: int = 1, *, timeout: float = 10.0,
                  after: Optional[int] = None, **filters) -> List[dict]:
@@ -2228,13 +5606,20 @@ class RudderliteServer(http.server.ThreadingHTTPServer):
         background thread a moment after the app calls them. Raises AssertionError, saying what did
         arrive, when they do not come within ``timeout`` seconds."""
         query = embedded_query(after, filters)._replace(wait=timeout, minimum=count)
-        events = self.history.events(embedded_key(write_key), query).records
+        events = self.events_of(write_key, query)
         if len(events) < count:
-            everything = embedded_query(after, {})
-            arrived = self.history.events(embedded_key(write_key), everything).records
-            raise AssertionError(f"waited {timeout} s for {count} event(s) matching {filters}, "
-                                 f"{len(events)} came; all that arrived: {arrived[-20:]}")
+            arrived = self.events_of(write_key, embedded_query(after, {}))
+            others = len(self.events_of(None, embedded_query(after, {}))) - len(arrived)
+            raise AssertionError(
+                f"waited {timeout} s for {count} event(s) matching {filters}, {len(events)} came; "
+                f"all that arrived with this key: {arrived[-20:]}"
+                + (f"; {others} more arrived with other keys" if others else ""))
         return events
+
+    def events_of(self, write_key: Optional[str], query: Query) -> List[dict]:
+        found = self.history.find("events", embedded_key(write_key), query)
+        events = (decoded(entry, event_json) for entry in found.entries)
+        return [event for event in events if event is not None]
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
@@ -2249,7 +5634,7 @@ def embedded_query(after: Optional[int], filters: dict) -> Query:
     JSON value as the wanted one."""
     wanted = {name: value if isinstance(value, str) else encode_json(value).decode("utf-8")
               for name, value in filters.items()}
-    return Query(filters=tuple((tuple(name.split(".")), (value,))
+    return Query(filters=tuple((tuple(name.split(".")), *wanted_values([value]))
                                for name, value in wanted.items()), after=after)
 
 
@@ -2348,7 +5733,8 @@ def start_problem(config: Config, error: Exception) -> str:
     if isinstance(error, PlanUnusable):
         return f"cannot use --tracking-plan {config.tracking_plan}: {error}"
     if getattr(error, "filename", None):
-        return f"cannot use --data-dir {config.data_dir}: {error.strerror or error}"
+        return (f"cannot use --data-dir {config.data_dir}: {error.strerror or error}; give a "
+                f"directory rudderlite may write to, or one that does not exist yet")
     if getattr(error, "errno", None) == errno.EADDRINUSE:
         return (f"port {config.port} on {config.host} is already in use: stop what uses it, or "
                 f"choose another port with --port (--port 0 picks a free one)")
@@ -2403,6 +5789,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for signal_number in STOP_SIGNALS:  # a second signal while stopping, or while Python exits,
         signal.signal(signal_number, signal.SIG_IGN)  # must not kill the process half-way
     server.stop()
+    logger.info("stopped; every event answered 200 is in %s", os.path.abspath(config.data_dir))
     return 0
 
 
@@ -2410,9 +5797,523 @@ def main(argv: Optional[List[str]] = None) -> int:
 # The live page: GET /rudderlite/
 ###############################################################################
 
-LIVE_PAGE = """<!doctype html>
-<title>rudderlite</title>
-<p>rudderlite</p>
+# What ``GET /rudderlite/`` serves: one page, with nothing loaded from anywhere else, that follows
+# /rudderlite/events and /rudderlite/rejected with cursors and long-polls (README: See events as
+# they arrive). It only ever shows event data as text.
+
+LIVE_PAGE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>rudderlite: live events</title>
+<link rel="icon" href="data:,">
+<style>
+  :root { --text: #1f2328; --muted: #656d76; --line: #d8dee4; --soft: #f6f8fa; --red: #cf222e;
+          --amber: #9a6700; --mono: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+  * { box-sizing: border-box; }
+  html, body { height: 100%; margin: 0; }
+  body { display: flex; flex-direction: column; color: var(--text);
+         font: 13px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+  button, input { font: inherit; padding: 4px 10px; border: 1px solid var(--line);
+                  border-radius: 6px; background: #fff; color: var(--text); }
+  button { cursor: pointer; }
+  button:hover { background: var(--soft); }
+  code, .mono { font-family: var(--mono); font-size: 12px; }
+  [hidden] { display: none !important; }
+
+  header, #session, nav { display: flex; align-items: center; gap: 16px; padding: 0 16px; }
+  header { height: 48px; border-bottom: 1px solid var(--line); background: var(--soft); }
+  header h1 { margin: 0; font-size: 16px; }
+  header h1 span, .hint { color: var(--muted); font-weight: normal; }
+  #session { flex: 1; padding: 0; }
+  #status { flex: 1; margin: 0; color: var(--muted); }
+  #status::before { content: "\25CF"; margin-right: 6px; }   /* a dot */
+  #status.live::before { color: #1a7f37; }
+  #status.paused::before { color: var(--amber); }
+  #status.error { color: var(--red); }
+  #change-key { border: 0; padding: 0 4px; background: none; color: #0969da; }
+
+  #key-form { width: 460px; margin: 80px auto; padding: 8px 24px 24px;
+              border: 1px solid var(--line); border-radius: 8px; }
+  #key-form input { width: 100%; margin-bottom: 12px; }
+  #key-error { color: var(--red); }
+
+  main { flex: 1; display: flex; flex-direction: column; min-height: 0; }
+  nav { height: 48px; gap: 8px; border-bottom: 1px solid var(--line); }
+  nav .tab { border-color: transparent; }
+  nav .tab[aria-selected="true"] { border-color: var(--line); background: var(--soft);
+                                   font-weight: 600; }
+  nav .tab span { margin-left: 6px; color: var(--muted); font-weight: normal; }
+  #filter { width: 280px; margin-left: auto; }
+  .hint { font-size: 12px; }
+  #missed { margin: 0; padding: 6px 16px; background: #fff8c5; border-bottom: 1px solid #eac54f; }
+  .panes { flex: 1; display: flex; min-height: 0; }
+  .list { flex: 1; overflow: auto; }
+  aside { width: 400px; overflow: auto; padding: 12px 16px; border-left: 1px solid var(--line);
+          background: var(--soft); }
+  aside h2 { margin: 0 0 8px; font-size: 14px; overflow-wrap: anywhere; }
+  aside ul { margin: 0 0 12px; padding-left: 18px; }
+  aside pre { margin: 0; font: 12px/1.5 var(--mono); white-space: pre-wrap;
+              overflow-wrap: anywhere; }
+  li.warning { color: var(--amber); }
+  li.violation { color: var(--red); }
+  .empty { margin: 0; padding: 12px 16px; color: var(--muted); }
+  .empty code { display: block; margin-top: 6px; color: var(--text); }
+  aside .empty { padding: 0; }
+
+  table { width: 100%; border-collapse: collapse; table-layout: fixed; }
+  th { position: sticky; top: 0; background: #fff; text-align: left; font-size: 12px;
+       color: var(--muted); border-bottom: 1px solid var(--line); }
+  th, td { padding: 5px 8px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+  td { border-bottom: 1px solid #eef1f4; }
+  tbody tr { cursor: pointer; }
+  tbody tr:hover { background: var(--soft); }
+  /* an event with warnings or violations */
+  tr.flagged { background: #fff5f5; box-shadow: inset 3px 0 var(--red); }
+  tbody tr.selected { background: #ddf4ff; }
+  td.time { font-family: var(--mono); font-size: 12px; color: var(--muted); }
+  td .anonymous { color: var(--muted); }
+  td span:not(:empty) + .anonymous { margin-left: 8px; }
+  .type { padding: 1px 7px; border-radius: 10px; font-size: 12px; background: #eaeef2; }
+  .type[data-type="track"] { background: #ddf4ff; color: #0550ae; }
+  .type[data-type="identify"] { background: #fbefff; color: #8250df; }
+  .type[data-type="page"] { background: #dafbe1; color: #116329; }
+  .type[data-type="screen"] { background: #d8f3f0; color: #0a6158; }
+  .type[data-type="group"] { background: #fff1e5; color: #953800; }
+  .badge { display: inline-block; min-width: 20px; margin-right: 6px; padding: 0 6px;
+           border-radius: 10px; color: #fff; font-size: 11px; font-weight: 600; text-align: center;
+           background: var(--red); }
+  .badge.warning { background: #bf8700; }
+</style>
+</head>
+<body>
+<header>
+  <h1>rudderlite <span>live events</span></h1>
+  <div id="session" hidden>
+    <span>key <code id="key-name"></code><button id="change-key">change</button></span>
+    <p id="status" role="status"></p>
+    <button id="pause" aria-pressed="false">Pause</button>
+    <button id="reset" title="Forget this key's events and refusals, here and on the server">
+      Reset</button>
+  </div>
+</header>
+
+<form id="key-form" hidden>
+  <h2>Which write key?</h2>
+  <p>This page shows, as they arrive, the events sent with one write key (the user name of their
+    Basic auth).</p>
+  <p id="key-error" hidden></p>
+  <input id="key-input" name="writeKey" placeholder="write key" autocomplete="off" required>
+  <button type="submit">Show events</button>
+</form>
+
+<main id="app" hidden>
+  <nav>
+    <button class="tab" id="tab-events" aria-selected="true">
+      Events<span id="count-events"></span></button>
+    <button class="tab" id="tab-rejected" aria-selected="false">
+      Refused<span id="count-rejected"></span></button>
+    <input id="filter" type="search" placeholder="Filter: any text in the JSON" aria-label="Filter">
+    <span class="hint">Newest on top, at most 1,000 rows per list</span>
+  </nav>
+  <p id="missed" hidden>The server's history dropped some records before this page could fetch
+    them; the events are still in the data directory's <code>events*.jsonl</code> files.</p>
+  <div class="panes">
+    <section class="list">
+      <table id="events">
+        <colgroup><col style="width: 104px"><col style="width: 84px"><col style="width: 24%">
+          <col style="width: 23%"><col></colgroup>
+        <thead><tr><th>Time</th><th>Type</th><th>Name</th><th>User id, anonymous id</th>
+          <th>Problems</th></tr></thead>
+        <tbody></tbody>
+      </table>
+      <table id="rejected" hidden>
+        <colgroup><col style="width: 104px"><col style="width: 60px"><col style="width: 100px">
+          <col style="width: 24%"><col><col style="width: 24%"></colgroup>
+        <thead><tr><th>Time</th><th>Status</th><th>Path</th><th>Message</th><th>Detail</th>
+          <th>Body</th></tr></thead>
+        <tbody></tbody>
+      </table>
+      <p id="empty" class="empty"></p>
+    </section>
+    <aside>
+      <p id="detail-empty" class="empty">Click a row to see all of it.</p>
+      <h2 id="detail-title"></h2>
+      <ul id="detail-problems"></ul>
+      <pre id="detail-json"></pre>
+    </aside>
+  </div>
+</main>
+
+<script>
+"use strict";
+// The page follows /rudderlite/events and /rudderlite/rejected with long-polls: the first request
+// asks for the newest records, each next one for what came after the cursor of the answer before,
+// and the server holds it until something arrives. Event data is whatever a client sent: it reaches
+// the page as text only (textContent, title, dataset), never as markup.
+
+const MAX_ROWS = 1000;     // rows kept per list; the oldest go first
+const HOLD_SECONDS = 25;   // how long the server may hold a request while nothing new arrives
+const $ = (id) => document.getElementById(id);
+
+// Per list: what to call it, how many old records to show first, how to draw one, what waits.
+const lists = {
+  events: {name: "events", first: 200, makeRow: eventRow, waiting: []},
+  rejected: {name: "refusals", first: 100, makeRow: refusalRow, waiting: []},
+};
+const recordOf = new WeakMap();   // <tr> -> {kind, item, text}: text is what the filter searches
+let writeKey = null;
+let run = null;            // AbortController of the current requests; new on reset and new keys
+let paused = false;
+let shownKind = "events";
+let connecting = false;    // from opening a key until its first answer
+let problem = "";          // what went wrong, shown in the status line until the next answer
+
+// ---- Talking to rudderlite ----
+
+function authorization(key) {
+  // btoa takes only Latin-1 characters, so the key goes in as its UTF-8 bytes.
+  return "Basic " + btoa(String.fromCharCode(...new TextEncoder().encode(key + ":")));
+}
+
+async function api(method, path, signal) {
+  const response = await fetch(path, {method, signal, cache: "no-store",
+                                      headers: {Authorization: authorization(writeKey)}});
+  const body = await response.text();
+  if (!response.ok) {
+    const error = new Error(body.trim() || `HTTP ${response.status}`);
+    throw Object.assign(error, {status: response.status});
+  }
+  return JSON.parse(body);
+}
+
+function sleep(milliseconds, signal) {   // ends early when the run is stopped
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, milliseconds);
+    signal.addEventListener("abort", done);
+  });
+}
+
+// Follows one list until the run stops: every record once, in order, through lost connections.
+async function follow(kind, signal) {
+  let cursor = null;
+  let failures = 0;
+  while (!signal.aborted) {
+    const held = cursor !== null;
+    const query = held ? `after=${cursor}&wait=${HOLD_SECONDS}&min=1&limit=500`
+                       : `limit=${lists[kind].first}`;
+    const started = Date.now();
+    let answer;
+    try {
+      answer = await api("GET", `/rudderlite/${kind}?${query}`, signal);
+    } catch (error) {
+      if (signal.aborted) return;
+      if (error.status === 401) return askForKey(error.message);
+      failures += 1;
+      const seconds = Math.min(30, 2 ** (failures - 1));   // 1, 2, 4 ... 30 s between attempts
+      showProblem(`Reading ${lists[kind].name} failed (${error.message}); ` +
+                  `trying again in ${seconds} s`);
+      await sleep(seconds * 1000, signal);
+      continue;
+    }
+    if (signal.aborted) return;
+    failures = 0;
+    connecting = false;
+    showProblem("");
+    if (held && answer.cursor < cursor) {   // cursors only grow: the server restarted; begin again
+      cursor = null;
+      continue;
+    }
+    cursor = answer.cursor;
+    if (answer.missed) $("missed").hidden = false;
+    receive(kind, answer[kind]);
+    // Never spin: when a held request is answered at once with nothing, wait a second.
+    if (held && answer[kind].length === 0 && Date.now() - started < 1000) await sleep(1000, signal);
+  }
+}
+
+function start() {
+  stop();
+  run = new AbortController();
+  for (const kind in lists) follow(kind, run.signal);
+}
+
+function stop() {
+  if (run) run.abort();
+  run = null;
+}
+
+// ---- Rows ----
+
+// Any value as one line of text: a string as it is, anything else as JSON.
+const text = (value) =>
+  value == null ? "" : typeof value === "string" ? value : JSON.stringify(value);
+
+function element(tag, className, content = "") {
+  const node = document.createElement(tag);
+  node.className = className;
+  node.textContent = content;
+  return node;
+}
+
+function cell(row, content = "", className = "") {
+  const td = element("td", className, content);
+  td.title = content;   // all of it, when the cell cuts it short
+  row.append(td);
+  return td;
+}
+
+function localTime(iso) {
+  const date = new Date(iso);
+  const pad = (number, width = 2) => String(number).padStart(width, "0");
+  return isNaN(date) ? text(iso) : `${pad(date.getHours())}:${pad(date.getMinutes())}:` +
+                                   `${pad(date.getSeconds())}.${pad(date.getMilliseconds(), 3)}`;
+}
+
+// What names an event of each type (the fields the contract checks ask for).
+const NAME_FIELDS = {track: "event", page: "name", screen: "name", group: "groupId",
+                     alias: "previousId"};
+
+function nameOf(event) {
+  const field = NAME_FIELDS[event.type];
+  const prefix = {groupId: "group ", previousId: "previously "}[field] || "";
+  return field && event[field] != null ? prefix + text(event[field]) : "";
+}
+
+// The contract warnings and the tracking plan's violations of an event, one line each.
+function problemsOf(event) {
+  const warnings = Array.isArray(event.warnings) ? event.warnings : [];
+  const violations = event.context?.violationErrors;
+  return warnings.map((warning) => ({kind: "warning", line: text(warning)})).concat(
+    (Array.isArray(violations) ? violations : []).map((violation) => {
+      const where = violation?.meta?.instancePath || violation?.property;
+      const line = `${text(violation?.type)}${where ? " at " + text(where) : ""}: ` +
+                   text(violation?.message);
+      return {kind: "violation", line};
+    }));
+}
+
+function eventRow(event) {
+  const row = element("tr", "");
+  cell(row, localTime(event.receivedAt), "time").title = text(event.receivedAt);
+  const type = cell(row).appendChild(element("span", "type", text(event.type)));
+  type.dataset.type = text(event.type);
+  cell(row, nameOf(event));
+  const [userId, anonymousId] = [text(event.userId), text(event.anonymousId)];
+  const ids = cell(row, "", "");
+  ids.append(element("span", "", userId), element("span", "anonymous", anonymousId));
+  ids.title = `${userId} ${anonymousId}`.trim();
+  const problems = problemsOf(event);
+  const problemsCell = cell(row);
+  for (const kind of ["warning", "violation"]) {
+    const count = problems.filter((found) => found.kind === kind).length;
+    if (count) problemsCell.append(element("span", `badge ${kind}`, String(count)));
+  }
+  if (problems.length) {
+    row.classList.add("flagged");
+    problemsCell.append(problems[0].line);
+    problemsCell.title = problems.map((found) => found.line).join("\n");
+  }
+  return row;
+}
+
+function refusalRow(refusal) {
+  const row = element("tr", "");
+  cell(row, localTime(refusal.receivedAt), "time").title = text(refusal.receivedAt);
+  cell(row).append(element("span", "badge", text(refusal.status)));
+  cell(row, text(refusal.path), "mono");
+  cell(row, text(refusal.message));
+  cell(row, text(refusal.detail));
+  cell(row, text(refusal.body), "mono");
+  return row;
+}
+
+const rowsOf = (kind) => $(kind).tBodies[0];
+
+function addRow(kind, item) {
+  const row = lists[kind].makeRow(item);
+  row.tabIndex = 0;
+  recordOf.set(row, {kind, item, text: JSON.stringify(item).toLowerCase()});
+  row.hidden = !matchesFilter(row);
+  rowsOf(kind).prepend(row);
+  if (rowsOf(kind).rows.length > MAX_ROWS) rowsOf(kind).lastElementChild.remove();
+}
+
+function receive(kind, items) {
+  if (paused) {
+    const waiting = lists[kind].waiting;
+    waiting.push(...items);
+    waiting.splice(0, waiting.length - MAX_ROWS);   // more could not be shown anyway
+  } else {
+    items.forEach((item) => addRow(kind, item));
+  }
+  update();
+}
+
+function matchesFilter(row) {
+  const wanted = $("filter").value.trim().toLowerCase();
+  return !wanted || recordOf.get(row).text.includes(wanted);
+}
+
+function showDetail(row) {
+  document.querySelector("tr.selected")?.classList.remove("selected");
+  row.classList.add("selected");
+  const {kind, item} = recordOf.get(row);
+  $("detail-empty").hidden = true;
+  const problems = kind === "events" ? problemsOf(item) : [];
+  $("detail-problems").replaceChildren(
+    ...problems.map((found) => element("li", found.kind, found.line)));
+  if (kind === "events") {
+    $("detail-title").textContent = `${text(item.type)} ${nameOf(item)}`;
+    $("detail-json").textContent = JSON.stringify(item, null, 2);
+  } else {   // a refused body as it came, rather than as a JSON string full of escapes
+    const {body, ...refusal} = item;
+    $("detail-title").textContent = `Refused ${text(item.status)}: ${text(item.message)}`;
+    $("detail-json").textContent =
+      `${JSON.stringify(refusal, null, 2)}\n\nBody (its first KiB):\n${text(body)}`;
+  }
+}
+
+// ---- Status line, counts, tabs ----
+
+const plural = (count, word) => `${count} ${word}${count === 1 ? "" : "s"}`;
+
+function showProblem(message) {
+  problem = message;
+  update();
+}
+
+function update() {
+  const waiting = [plural(lists.events.waiting.length, "new event"),
+                   plural(lists.rejected.waiting.length, "refusal")]
+    .filter((part) => !part.startsWith("0 "));
+  $("status").className = problem ? "error" : connecting ? "" : paused ? "paused" : "live";
+  $("status").textContent = problem || (connecting ? "Connecting..." : !paused ?
+    "Live: new events appear as they arrive" :
+    `Paused: ${waiting.length ? waiting.join(" and ") + " waiting" : "nothing new yet"}`);
+  for (const kind in lists) {
+    const rows = [...rowsOf(kind).rows];
+    const shown = rows.filter((row) => !row.hidden).length;
+    $(`count-${kind}`).textContent =
+      shown === rows.length ? rows.length : `${shown} of ${rows.length}`;
+  }
+  $("empty").hidden = rowsOf(shownKind).rows.length > 0;
+  $("empty").replaceChildren(...(shownKind === "rejected" ? ["No refused requests."] : [
+    "No events yet for this key. Send one:",
+    element("code", "", `curl -u '${writeKey}:' -d '{"userId": "ada", "event": "Signed Up"}' ` +
+                        `${location.origin}/v1/track`)]));
+}
+
+function showList(kind) {
+  shownKind = kind;
+  for (const name in lists) {
+    $(name).hidden = name !== kind;
+    $(`tab-${name}`).setAttribute("aria-selected", String(name === kind));
+  }
+  update();
+}
+
+function clearLists() {
+  for (const kind in lists) {
+    rowsOf(kind).replaceChildren();
+    lists[kind].waiting = [];
+  }
+  $("missed").hidden = true;
+  $("detail-empty").hidden = false;
+  for (const id of ["detail-title", "detail-problems", "detail-json"]) $(id).replaceChildren();
+}
+
+// ---- The write key ----
+
+function askForKey(message) {
+  stop();
+  $("app").hidden = true;
+  $("session").hidden = true;
+  $("key-form").hidden = false;
+  $("key-error").hidden = !message;
+  $("key-error").textContent = `rudderlite answered: ${message}`;
+  $("key-input").value = writeKey || "";
+  $("key-input").focus();
+}
+
+function openKey(key) {
+  writeKey = key;
+  const url = new URL(location.href);
+  url.searchParams.set("writeKey", key);
+  history.replaceState(null, "", url);   // so that a reload opens the same key
+  document.title = `rudderlite: ${key}`;
+  $("key-name").textContent = key;
+  $("key-form").hidden = true;
+  $("app").hidden = false;
+  $("session").hidden = false;
+  clearLists();
+  connecting = true;
+  showProblem("");
+  start();
+}
+
+// ---- Wiring ----
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = $("key-input").value.trim();
+  if (key) openKey(key);
+});
+$("change-key").addEventListener("click", () => askForKey(""));
+$("tab-events").addEventListener("click", () => showList("events"));
+$("tab-rejected").addEventListener("click", () => showList("rejected"));
+$("filter").addEventListener("input", () => {
+  for (const kind in lists) {
+    for (const row of rowsOf(kind).rows) row.hidden = !matchesFilter(row);
+  }
+  update();
+});
+for (const kind in lists) {
+  rowsOf(kind).addEventListener("click", (event) => showDetail(event.target.closest("tr")));
+  rowsOf(kind).addEventListener("keydown", (event) => {
+    if (event.key === "Enter") showDetail(event.target.closest("tr"));
+  });
+}
+
+$("pause").addEventListener("click", () => {
+  paused = !paused;
+  $("pause").textContent = paused ? "Resume" : "Pause";
+  $("pause").setAttribute("aria-pressed", String(paused));
+  if (!paused) {
+    for (const kind in lists) lists[kind].waiting.splice(0).forEach((item) => addRow(kind, item));
+  }
+  update();
+});
+
+$("reset").addEventListener("click", async () => {
+  // The requests in flight are dropped first, so that nothing from before the reset comes back.
+  stop();
+  $("reset").disabled = true;
+  try {
+    await api("POST", "/rudderlite/reset");
+    clearLists();
+    problem = "";
+  } catch (error) {
+    if (error.status === 401) return askForKey(error.message);
+    problem = `Reset failed (${error.message})`;
+  } finally {
+    $("reset").disabled = false;
+  }
+  update();
+  start();
+});
+
+const keyInUrl = new URLSearchParams(location.search).get("writeKey");
+if (keyInUrl) openKey(keyInUrl); else askForKey("");
+</script>
+</body>
+</html>
 """
 
 
