@@ -15,7 +15,12 @@ load comes from wrk when it is installed, else from a slower Python client (then
 3. --fsync always / --fsync off, /v1/track at 16 connections (group commit keeps this near 1);
 4. peak RSS with 8 clients sending 4 MiB batches for 10 s; RSS growth after 200,000 single events;
 5. start-up, spawn to first answered /health / python -c "import http.server";
-6. cost per event at batch sizes 1, 10, 100, 1000; /v1/track with a 500 MB active file / an empty one.
+6. cost per event at batch sizes 1, 10, 100, 1000; /v1/track with a 500 MB active file / an empty one;
+7. /v1/track req/s of one key while 8 long-polls of another key wait over a full history / with no poll;
+8. /v1/track req/s with the line per request on standard error / with --quiet;
+9. /v1/batch events/s, 100-event batches checked against a catalog-like tracking plan / without a plan;
+10. µs per gzip member with 1,000 members / with 100,000 (inflating is linear: about 1);
+11. start plus stop of an embedded server, rudderlite.running(), in ms.
 """
 
 import argparse
@@ -40,7 +45,9 @@ WRITE_KEY = "bench-write-key"
 AUTHORIZATION = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
 TARGETS = {
     "track, 1 connection": 0.85, "track, 8 connections": 0.85, "batch of 100": 0.6, "fsync always / off": 0.5,
-    "track, 500 MB file / empty file": 0.9,
+    "track, 500 MB file / empty file": 0.9, "track while 8 polls wait / none": 0.9,
+    "track, a line per request / quiet": 0.9, "batch of 100, plan / no plan": 0.75,
+    "gzip µs per member, 1k / 100k members": 0.5,
 }
 
 
@@ -95,16 +102,19 @@ class Server:
 
     started = []
 
-    def __init__(self, command):
+    def __init__(self, command, stderr=subprocess.DEVNULL):
         Server.started.append(self)
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
         line = self.process.stdout.readline().decode()
         self.url = line.split()[-1]
         self.port = int(self.url.rsplit(":", 1)[1])
+        if stderr == subprocess.PIPE:  # read as a terminal would: line by line, as it comes
+            threading.Thread(target=lambda: all(self.process.stderr), daemon=True).start()
 
     @classmethod
-    def rudderlite(cls, data_dir, *options):
-        return cls([sys.executable, RUDDERLITE, "--port", "0", "--quiet", "--data-dir", data_dir, *options])
+    def rudderlite(cls, data_dir, *options, quiet=True):
+        return cls([sys.executable, RUDDERLITE, "--port", "0", "--data-dir", data_dir, *options]
+                   + (["--quiet"] if quiet else []), stderr=subprocess.DEVNULL if quiet else subprocess.PIPE)
 
     @classmethod
     def ceiling(cls):
@@ -187,9 +197,9 @@ def interleaved(rounds, **measurements):
 # -- the figures ---------------------------------------------------------------------------------------------------
 
 
-def accepted_events(server) -> int:
+def accepted_events(server, authorization=AUTHORIZATION) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", server.port)
-    connection.request("GET", "/rudderlite/stats", headers={"Authorization": AUTHORIZATION})
+    connection.request("GET", "/rudderlite/stats", headers={"Authorization": authorization})
     return sum(json.loads(connection.getresponse().read())["accepted"].values())
 
 
@@ -232,6 +242,62 @@ def write_big_active_file(data_dir, size):
     with open(os.path.join(data_dir, "events.jsonl"), "wb") as file:
         for _ in range(size // len(chunk)):
             file.write(chunk)
+
+
+def catalog_plan() -> dict:
+    """A tracking plan as RudderStack's catalog builds them: 10 track events, 5 to 8 properties each
+    with types, required ones, an enum, and no other properties allowed."""
+    events = []
+    for number in range(10):
+        properties = {"orderId": {"type": ["integer"]}, "total": {"type": ["number"], "minimum": 0},
+                      "currency": {"type": ["string"], "enum": ["EUR", "USD", "GBP"]},
+                      "products": {"type": ["array"], "items": {"type": ["object"]}},
+                      "coupon": {"type": ["string", "null"]}}
+        for extra in range(number % 4):
+            properties[f"extra{extra}"] = {"type": ["string"], "maxLength": 64}
+        name = "Order Completed" if number == 0 else f"Event {number}"
+        events.append({"name": name, "eventType": "track", "rules": {
+            "$schema": "https://json-schema.org/draft/2019-09/schema", "type": "object",
+            "properties": {"properties": {"type": "object", "properties": properties,
+                                          "required": ["orderId", "total", "currency"],
+                                          "additionalProperties": False}},
+            "required": ["properties"]}})
+    return {"id": "tp_bench", "version": 1, "events": events}
+
+
+def poll_forever(url, authorization, stop):
+    """A long-poll that never gets what it waits for, asked again each time it is answered."""
+    host, port = url[len("http://"):].rsplit(":", 1)
+    while not stop.is_set():
+        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        try:
+            connection.request("GET", "/rudderlite/events?wait=60&min=1000000",
+                               headers={"Authorization": authorization})
+            connection.getresponse().read()
+        except OSError:  # the server stopped
+            return
+        finally:
+            connection.close()
+
+
+def gzip_member_cost(members: int) -> float:
+    """µs per member to inflate a body of ``members`` small gzip members."""
+    sys.path.insert(0, ROOT)
+    import gzip
+    import rudderlite
+    body = b"".join(gzip.compress(b" ") for _ in range(members))
+    started = time.process_time()
+    rudderlite.inflate_gzip(body, 10 * 1024 * 1024)
+    return (time.process_time() - started) * 1e6 / members
+
+
+def embedded_start_stop_ms(data_dir) -> float:
+    sys.path.insert(0, ROOT)
+    import rudderlite
+    started = time.monotonic()
+    with rudderlite.running(port=0, data_dir=data_dir, quiet=True):
+        pass
+    return (time.monotonic() - started) * 1000
 
 
 def main() -> int:
@@ -334,6 +400,55 @@ def main() -> int:
         report("track, 500 MB file / empty file", result["full"], result["empty"], "req/s")
         full.stop()
         empty.stop()
+
+        # 7. senders of one key while long-polls of another wait over a full history: two servers with the
+        # same history of 10,000 events, 8 polls waiting on one of them
+        other_key = "Basic " + base64.b64encode(b"polled-key:").decode()
+        polled, unpolled = (Server.rudderlite(os.path.join(scratch, name)) for name in ("polled", "unpolled"))
+        for server in (polled, unpolled):
+            while accepted_events(server, other_key) < 10_000:
+                load(server.url, "/v1/batch", batch_body(100), 2, 1, headers={"Authorization": other_key})
+        stop_polls = threading.Event()
+        for _ in range(8):
+            threading.Thread(target=poll_forever, args=(polled.url, other_key, stop_polls), daemon=True).start()
+        time.sleep(1)  # the polls arrive and read the history once
+        result = interleaved(rounds, polls=lambda: load(polled.url, "/v1/track", TRACK_BODY, 1, seconds),
+                             none=lambda: load(unpolled.url, "/v1/track", TRACK_BODY, 1, seconds))
+        report("track while 8 polls wait / none", result["polls"], result["none"], "req/s")
+        stop_polls.set()
+        polled.stop()
+        unpolled.stop()
+
+        # 8. the line per request on standard error against --quiet
+        talking = Server.rudderlite(os.path.join(scratch, "talking"), quiet=False)
+        quiet = Server.rudderlite(os.path.join(scratch, "quiet"))
+        result = interleaved(rounds, talking=lambda: load(talking.url, "/v1/track", TRACK_BODY, 1, seconds),
+                             quiet=lambda: load(quiet.url, "/v1/track", TRACK_BODY, 1, seconds))
+        report("track, a line per request / quiet", result["talking"], result["quiet"], "req/s")
+        talking.stop()
+        quiet.stop()
+
+        # 9. batches against a catalog-like tracking plan
+        plan_file = os.path.join(scratch, "plan.json")
+        with open(plan_file, "w") as file:
+            json.dump(catalog_plan(), file)
+        body = batch_body(100)
+        checked = Server.rudderlite(os.path.join(scratch, "checked"), "--tracking-plan", plan_file)
+        unchecked = Server.rudderlite(os.path.join(scratch, "unchecked"))
+        result = interleaved(rounds, plan=lambda: 100 * load(checked.url, "/v1/batch", body, 2, seconds),
+                             none=lambda: 100 * load(unchecked.url, "/v1/batch", body, 2, seconds))
+        report("batch of 100, plan / no plan", result["plan"], result["none"], "events/s")
+        checked.stop()
+        unchecked.stop()
+
+        # 10. gzip members: the cost of each stays the same however many there are
+        result = interleaved(rounds, few=lambda: gzip_member_cost(1_000), many=lambda: gzip_member_cost(100_000))
+        report("gzip µs per member, 1k / 100k members", result["few"], result["many"], "µs")
+
+        # 11. an embedded server, started and stopped as a test fixture does
+        start_stop = statistics.median(embedded_start_stop_ms(os.path.join(scratch, f"embedded{n}"))
+                                       for n in range(10))
+        say(f"{'running(): start + stop':<34} {start_stop:>12,.1f} ms")
     finally:
         for server in Server.started:
             server.stop()
