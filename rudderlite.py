@@ -503,9 +503,16 @@ def stored_line_with_verdict(event: dict, encoded: bytes, fields: dict, verdict)
     return encode_json(event) + b"\n"
 
 
-def utc_timestamp(moment: datetime.datetime) -> str:
-    """RFC 3339 in UTC with milliseconds, as rudder-server writes ``receivedAt``."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+def utc_now() -> str:
+    """Now, in RFC 3339 in UTC with milliseconds, as rudder-server writes ``receivedAt``:
+    ``2026-11-26T10:00:00.123Z``."""
+    now = time.time()
+    return f"{utc_second(int(now))}.{int(now * 1000) % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=1)  # one text a second, not one a request
+def utc_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def display_name(event: dict) -> str:
@@ -1366,12 +1373,14 @@ _TIME = re.compile(
     r"([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?([zZ]|[+-][0-9]{2}(?::?[0-9]{2})?)?\Z")
 _DATE_TIME_SEPARATOR = re.compile(f"[tT{_JS_SPACE}]")
 _DAYS_IN_MONTH = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-_URI = re.compile(_uri_expression("", True))
-_URI_REFERENCE = re.compile(_uri_expression('"', False))
+# The longest expressions stay text, compiled on first use (re's own cache): they take milliseconds
+# to compile, and most runs check no format at all.
+_URI = _uri_expression("", True)
+_URI_REFERENCE = _uri_expression('"', False)
 _URL_NAME = "[A-Za-z0-9\u00a1-\uffff]+"
 _URL_TLD = r"(?:\.[A-Za-z\u00a1-\uffff]{2,})"
 _URL_OCTET_LAST = r"(?:[1-9][0-9]?|1[0-9][0-9]|2[0-4][0-9]|25[0-4])"
-_URL = re.compile(  # "url": http(s) or ftp, a public IPv4 address or a name with a top-level domain
+_URL = (  # "url": http(s) or ftp, a public IPv4 address or a name with a top-level domain
     rf"(?i:https?|ftp)://(?:\S+(?::\S*)?@)?".replace(r"\S", f"[^{_JS_SPACE}]")
     + r"(?:(?!(?:10|127)(?:\.[0-9]{1,3}){3})(?!(?:169\.254|192\.168)(?:\.[0-9]{1,3}){2})"
     r"(?!172\.(?:1[6-9]|2[0-9]|3[0-1])(?:\.[0-9]{1,3}){2})"
@@ -1389,7 +1398,7 @@ _HOSTNAME = re.compile(
 _IPV4_FORMAT = re.compile(_IPV4 + _Z)
 _IPV6_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # no leading zeros, unlike _IPV4
 _IPV6_V4 = rf"{_IPV6_OCTET}(?:\.{_IPV6_OCTET}){{3}}"
-_IPV6_FORMAT = re.compile("(?:" + "|".join((  # ajv-formats' "ipv6": RFC 4291 text forms
+_IPV6_FORMAT = ("(?:" + "|".join((  # ajv-formats' "ipv6": RFC 4291 text forms
     rf"(?:(?:{_H16}:){{7}}(?:{_H16}|:))",
     rf"(?:(?:{_H16}:){{6}}(?::{_H16}|{_IPV6_V4}|:))",
     rf"(?:(?:{_H16}:){{5}}(?:(?:(?::{_H16}){{1,2}})|:{_IPV6_V4}|:))",
@@ -1452,7 +1461,7 @@ def _is_date_time(text: str) -> bool:
 
 def _is_uri(text: str) -> bool:
     """ajv-formats "uri": it must hold a "/" or ":" and match the URI grammar with a scheme."""
-    return ("/" in text or ":" in text) and _URI.match(text) is not None
+    return ("/" in text or ":" in text) and re.match(_URI, text) is not None
 
 
 def _is_regex(text: str) -> bool:
@@ -1461,7 +1470,7 @@ def _is_regex(text: str) -> bool:
 
 
 def _matches(expression) -> Callable[[str], bool]:
-    return lambda text: expression.match(text) is not None
+    return lambda text: re.match(expression, text) is not None
 
 
 def _is_int32(number) -> bool:
@@ -4507,8 +4516,9 @@ DECIMAL_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() would also t
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 §5.6.2
 REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([!-~\x80-\xff]+) (HTTP/1\.[01])\r?\n")
 ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-FIELD_NAME = re.compile(TOKEN)
-FORBIDDEN_IN_VALUES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls, but for the tab
+# A header line, without its LF: a name, then a value of no control character but the tab, then
+# the CR (RFC 9110 §5.5; RFC 9112 §2.2 and §5.2: no bare CR, no folded line).
+HEADER_FIELD = re.compile("(" + TOKEN.decode() + r"):([^\x00-\x08\x0a-\x1f\x7f]*)\r?")
 #: What may not be echoed into a header or a log line: control characters, and the format and
 #: separator characters that reorder or break a line on a terminal.
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e"
@@ -4611,13 +4621,11 @@ def parse_request(request_line: bytes, header_block: bytes, peer_ip: str) -> Req
         raise Rejection(BAD_REQUEST, close=True)
     method, target, version = (part.decode("latin-1") for part in parsed.groups())
     headers: Dict[str, str] = {}
-    for line in header_block.split(b"\n")[:-2]:  # the last two: the empty line, and after it
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        name, colon, value = line.partition(b":")
-        if not colon or not FIELD_NAME.fullmatch(name) or FORBIDDEN_IN_VALUES.search(value):
-            raise Rejection(BAD_REQUEST, close=True)  # RFC 9112 §2.2 and §5.2, RFC 9110 §5.5
-        name, value = name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")
+    for line in header_block.decode("latin-1").split("\n")[:-2]:  # the empty line, and after it
+        field = HEADER_FIELD.fullmatch(line)
+        if not field:
+            raise Rejection(BAD_REQUEST, close=True)
+        name, value = field.group(1).lower(), field.group(2).strip(" \t")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     request = Request(method, target, version, headers, peer_ip, url=split_target(target))
     options = {option.strip() for option in headers.get("connection", "").lower().split(",")}
@@ -4715,6 +4723,11 @@ def loggable_target(target: str) -> str:
     return header_safe(path + question_mark + "&".join(parameters))
 
 
+@functools.lru_cache(maxsize=None)  # a handful of statuses
+def status_line(status: int) -> str:
+    return f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"
+
+
 @functools.lru_cache(maxsize=1)  # one date a second, not one a request
 def http_date(second: int) -> str:
     """The ``Date`` header value (RFC 9110 §6.6.1) for a Unix time in whole seconds."""
@@ -4748,6 +4761,12 @@ def is_ip_address(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+@functools.lru_cache(maxsize=256)  # a client sends the same Host again and again
+def local_host(host: str, allowed_names: Tuple[str, ...]) -> bool:
+    """Whether a ``Host`` (or an absolute-form target's authority) names this machine."""
+    return host_allowed(host_name(host), allowed_names)
 
 
 def host_allowed(name: str, allowed_names: Tuple[str, ...]) -> bool:
@@ -5041,7 +5060,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
             return
         authority = request.url.netloc.rpartition("@")[2]  # no user information, when given
         host = authority if authority else request.headers.get("host")
-        if host and not host_allowed(host_name(host), self.server.config.allow_hosts):
+        if host and not local_host(host, self.server.config.allow_hosts):
             raise Rejection(HOST_NOT_ALLOWED)
 
     def route(self, request: Request) -> Endpoint:
@@ -5081,7 +5100,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
                 "message": rejection.answer.message,
                 **({"detail": rejection.detail} if rejection.detail else {}),
                 "path": request.url.path[:REJECTED_PREVIEW_BYTES],
-                "receivedAt": utc_timestamp(datetime.datetime.now(datetime.timezone.utc)),
+                "receivedAt": utc_now(),
                 "body": request.body_preview[:REJECTED_PREVIEW_BYTES].decode("utf-8", "replace"),
             })
         return Response(rejection.answer.status, rejection.answer.message.encode("utf-8"),
@@ -5107,8 +5126,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
         """Write the answer: status line, headers and body (none for HEAD or 204) in one send, or
         for a body of many pieces, in sends of about 64 KiB."""
         pieces = (response.body,) if isinstance(response.body, bytes) else response.body
-        lines = [f"HTTP/1.1 {response.status} {http.HTTPStatus(response.status).phrase}",
-                 f"Date: {http_date(int(time.time()))}"]
+        lines = [status_line(response.status), f"Date: {http_date(int(time.time()))}"]
         if response.status != 204:
             lines += [f"Content-Type: {response.content_type}",
                       f"Content-Length: {sum(map(len, pieces))}"]
@@ -5217,7 +5235,7 @@ class RequestHandler(socketserver.StreamRequestHandler):
             if gzipped:
                 body = inflate_gzip(body, limit)
                 request.body_preview = body[:REJECTED_PREVIEW_BYTES]
-            received_at = utc_timestamp(datetime.datetime.now(datetime.timezone.utc))
+            received_at = utc_now()
             forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
             stored = process_body(body, type_from_path, config, received_at,
                                   forwarded or request.peer_ip, server.plans.current())
@@ -5595,17 +5613,18 @@ class RudderliteServer(http.server.ThreadingHTTPServer):
         return self.history.cursor
 
     def received(self, write_key: Optional[str] = None, *, after: Optional[int] = None,
-                 **filters) -> List[dict]:
+                 valid: Optional[bool] = None, **filters) -> List[dict]:
         """The events sent with ``write_key`` (any key for None) that match the filters, oldest
         first, as /rudderlite/events answers them: ``received("KEY", event="Signed Up")``."""
-        return self.events_of(write_key, embedded_query(after, filters))
+        return self.events_of(write_key, embedded_query(after, filters)._replace(valid=valid))
 
     def wait_for(self, write_key: Optional[str] = None, count: int = 1, *, timeout: float = 10.0,
-                 after: Optional[int] = None, **filters) -> List[dict]:
+                 after: Optional[int] = None, valid: Optional[bool] = None,
+                 **filters) -> List[dict]:
         """Like ``received()``, but waits until at least ``count`` events match: SDKs send from a
         background thread a moment after the app calls them. Raises AssertionError, saying what did
         arrive, when they do not come within ``timeout`` seconds."""
-        query = embedded_query(after, filters)._replace(wait=timeout, minimum=count)
+        query = embedded_query(after, filters)._replace(wait=timeout, minimum=count, valid=valid)
         events = self.events_of(write_key, query)
         if len(events) < count:
             arrived = self.events_of(write_key, embedded_query(after, {}))

@@ -3875,3 +3875,27 @@ def test_the_readme_picture_can_be_taken_again(browser, tmp_path):
     path = save_live_view(str(tmp_path / "live-view.png"))
     with open(path, "rb") as picture:
         assert picture.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+CHECKOUT_APP = MY_APP + '''
+def check_out(user_id, revenue=49.9):
+    event = {"type": "track", "userId": user_id, "event": "Order Completed",
+             "properties": {"orderId": "o-1", "revenue": revenue, "currency": "EUR"}}
+    credentials = base64.b64encode((settings["key"] + ":").encode()).decode()
+    request = urllib.request.Request(settings["url"] + "/v1/batch",
+                                     json.dumps({"batch": [event]}).encode(),
+                                     {"Authorization": "Basic " + credentials})
+    threading.Timer(0.2, lambda: urllib.request.urlopen(request).read()).start()
+'''
+
+
+@pytest.mark.parametrize("revenue,passes", [(49.9, True), ('"49.90"', False)])
+def test_readme_plan_and_its_pytest_fixture_run_as_written(tmp_path, revenue, passes):
+    (tmp_path / "plan.json").write_text(readme_recipe("plan"))
+    (tmp_path / "my_app.py").write_text(CHECKOUT_APP.replace("revenue=49.9", f"revenue={revenue}"))
+    (tmp_path / "test_checkout.py").write_text(readme_recipe("pytest-plan"))
+    shutil.copy(os.path.join(HERE, "rudderlite.py"), tmp_path / "rudderlite.py")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "test_checkout.py"], cwd=tmp_path, capture_output=True, timeout=120)
+    assert (result.returncode == 0) == passes, result.stdout.decode()
+    assert passes or b"must be number" in result.stdout
