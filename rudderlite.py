@@ -79,6 +79,8 @@ logger = logging.getLogger("rudderlite")
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
 #: When the store fsyncs: before each 200, at least once a second, or never.
 FSYNC_MODES = ("always", "interval", "off")
+#: With ``--fsync interval``, how long a stored line may wait for its fsync.
+FSYNC_INTERVAL_SECONDS = 1.0
 
 
 class Answer(NamedTuple):
@@ -4056,7 +4058,7 @@ class EventStore:
             self._synced = max(self._synced, target)
 
     def _sync_every_second(self) -> None:
-        while not self._closed.wait(1.0):
+        while not self._closed.wait(FSYNC_INTERVAL_SECONDS):
             with self._lock:
                 if self._synced < self._written and not self._closed.is_set():
                     with contextlib.suppress(OSError):
@@ -5123,9 +5125,12 @@ class RequestHandler(socketserver.StreamRequestHandler):
         return not can_drain
 
     def send(self, request: Request, response: Response, closes: bool) -> None:
-        """Write the answer: status line, headers and body (none for HEAD or 204) in one send, or
-        for a body of many pieces, in sends of about 64 KiB."""
+        """Log the request's line, then write the answer: status line, headers and body (none for
+        HEAD or 204) in one send, or for a body of many pieces, in sends of about 64 KiB. The line
+        comes first so that it is on standard error by the time the client has its answer."""
         pieces = (response.body,) if isinstance(response.body, bytes) else response.body
+        log_answer(request, response.status, b"".join(pieces).decode("utf-8", "replace")
+                   if response.status >= 400 else "")
         lines = [status_line(response.status), f"Date: {http_date(int(time.time()))}"]
         if response.status != 204:
             lines += [f"Content-Type: {response.content_type}",
@@ -5148,8 +5153,6 @@ class RequestHandler(socketserver.StreamRequestHandler):
             send_size += len(piece)
             waiting.append(piece)
         self.wfile.write(b"".join(waiting))
-        log_answer(request, response.status, b"".join(pieces).decode("utf-8", "replace")
-                   if response.status >= 400 else "")
 
     def cors_origin(self, request: Request) -> Optional[str]:
         """The ``Origin`` to grant, or None. The event endpoints grant every origin (the browser SDK
