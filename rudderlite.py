@@ -866,15 +866,13 @@ class _PatternParser:
     """A recursive-descent parser of ECMAScript pattern syntax that writes the equivalent re source.
 
     ``unicode`` is the u flag: Ajv's patterns have it; without it (ajv-formats' "regex" format) the
-    syntax is Annex B's lenient one and only validity matters. ``categories`` caches \\p{...} sets
-    for one plan.
+    syntax is Annex B's lenient one and only validity matters.
     """
 
-    def __init__(self, source: str, unicode: bool, categories: dict):
+    def __init__(self, source: str, unicode: bool):
         self.source = source
         self.position = 0
         self.unicode = unicode
-        self.categories = categories
         self.group_count, self.group_names = self._count_groups()
         self.groups_opened = 0
         self.names_seen: set = set()
@@ -1256,18 +1254,18 @@ class _PatternParser:
         if key is None:
             raise PatternError(f"Invalid regular expression: /{self.source}/: Invalid property "
                                f"name (or one this check does not know: {name})")
-        if key not in self.categories:
-            self.categories[key] = _unicode_set(key, self.categories)
-        return self.categories[key]
+        return _unicode_set(key)
 
 
 _FIXED_SETS = {"Any": "\\x00-\\U0010ffff", "ASCII": "\\x00-\\x7f", "AHex": "0-9A-Fa-f",
                "space": _JS_SPACE.replace(r"\ufeff", r"\x85")}  # Unicode's White_Space
 
 
+@functools.lru_cache(maxsize=None)
 def _category_ranges() -> Dict[str, List[Tuple[int, int]]]:
-    """Every code point's general category, as ranges, in one pass. Planes 4 to 13 hold nothing
-    yet and planes 15 and 16 are private use, so they are not asked one by one."""
+    """Every code point's general category, as ranges, in one pass (a tenth of a second), made
+    once per process, when the first \\p{...} is met. Planes 4 to 13 hold nothing yet and planes
+    15 and 16 are private use, so they are not asked one by one."""
     ranges: Dict[str, List[Tuple[int, int]]] = {}
     current, start = None, 0
     for code in list(range(0x40000)) + list(range(0xE0000, 0xF0000)):
@@ -1283,13 +1281,12 @@ def _category_ranges() -> Dict[str, List[Tuple[int, int]]]:
     return ranges
 
 
-def _unicode_set(key: str, cache: dict) -> str:
+@functools.lru_cache(maxsize=None)  # the keys are the few names the tables above know
+def _unicode_set(key: str) -> str:
     """The re class body of one \\p{..} key (a general category or binary property)."""
     if key in _FIXED_SETS:
         return _FIXED_SETS[key]
-    if "ranges" not in cache:
-        cache["ranges"] = _category_ranges()
-    ranges = cache["ranges"]
+    ranges = _category_ranges()
     if key == "Assigned":
         names = [name for name in ranges if name != "Cn"]
     elif key == "LC":
@@ -1301,10 +1298,10 @@ def _unicode_set(key: str, cache: dict) -> str:
                    for low, high in merged)
 
 
-def compile_pattern(source: str, categories: dict):
+def compile_pattern(source: str):
     """An ECMAScript pattern with the u flag, as a compiled re; PatternError when Ajv would refuse
     it or re cannot run it (a lookbehind of varying length, a repetition count above re's limit)."""
-    python = _PatternParser(source, True, categories).translate()
+    python = _PatternParser(source, True).translate()
     try:
         return re.compile(python, re.ASCII)
     except (re.error, OverflowError, RecursionError) as error:
@@ -1314,7 +1311,7 @@ def compile_pattern(source: str, categories: dict):
 def is_ecmascript_regex(source: str) -> bool:
     """Whether ``new RegExp(source)`` compiles (no flags): ajv-formats' "regex" format."""
     try:
-        _PatternParser(source, False, {}).translate()
+        _PatternParser(source, False).translate()
     except PatternError:
         return False
     return True
@@ -3405,9 +3402,8 @@ class _Rule:
     """One rule being compiled: the Ajv instance rudder-transformer picks for it (Ajv2019, or
     ajv-draft-04), its meta-schema, the ids it declares, and the functions its $refs need."""
 
-    def __init__(self, schema: dict, pointer: str, categories: dict):
+    def __init__(self, schema: dict, pointer: str):
         self.pointer = pointer
-        self.categories = categories
         declared = schema.get("$schema", _MISSING)
         if declared is not _MISSING and type(declared) is not str:
             raise _Problem(f"{pointer}/$schema", "$schema must be a string")
@@ -3491,7 +3487,7 @@ class _Rule:
         """A pattern compiled once per rule (Ajv caches its RegExps too)."""
         if source not in self.patterns:
             try:
-                self.patterns[source] = compile_pattern(source, self.categories)
+                self.patterns[source] = compile_pattern(source)
             except PatternError as error:
                 cxt.problem(keyword, str(error))
         return self.patterns[source]
@@ -3696,14 +3692,14 @@ def _violation(error: _Error) -> dict:
     return {"type": kind, "message": error.message, "meta": meta}
 
 
-def _compile_rule(rule, pointer: str, categories: dict) -> _Compiled:
+def _compile_rule(rule, pointer: str) -> _Compiled:
     """A rule as rudder-transformer compiles it: its ``version`` key removed, a string ``$schema``
     naming draft-04 sending it to ajv-draft-04, any compile error letting its events through."""
     if type(rule) is not dict:
         return _Compiled(None, None, f"{pointer}: a rule must be a JSON Schema object")
     rule = {key: value for key, value in rule.items() if key != "version"}
     try:
-        compiler = _Rule(rule, pointer, categories)
+        compiler = _Rule(rule, pointer)
         check, function = compiler.compile()
     except _Problem as problem:
         return _Compiled(None, None, str(problem))
@@ -3767,7 +3763,7 @@ def load_tracking_plan(source, default_id: str) -> TrackingPlan:
     if version is not None and not _is_integer(version):
         raise PlanUnusable('not a tracking plan: "version" must be an integer')
     rules: Dict[tuple, _Compiled] = {}
-    problems, categories = [], {}
+    problems = []
     for event_type, name, rule, pointer in _rule_entries(source):
         if type(event_type) is not str or event_type not in CHECKED_EVENT_TYPES:
             continue  # no event can ask for this entry
@@ -3777,7 +3773,7 @@ def load_tracking_plan(source, default_id: str) -> TrackingPlan:
         if _is_empty_rule(rule):
             rules[key] = _NO_SCHEMA
             continue
-        compiled = _compile_rule(rule, pointer, categories)
+        compiled = _compile_rule(rule, pointer)
         rules[key] = compiled
         if compiled.problem:
             who = f'track "{js_string(name)}"' if event_type == "track" else event_type
