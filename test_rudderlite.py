@@ -2868,7 +2868,8 @@ class Browser:
         os.close(answers_write)
         arguments = [self.executable, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile}"]
         try:
-            self._pid = os.posix_spawn(self.executable, arguments, os.environ, file_actions=[
+            environment = {**os.environ, "TMPDIR": self._profile}  # its sockets go there too
+            self._pid = os.posix_spawn(self.executable, arguments, environment, file_actions=[
                 (os.POSIX_SPAWN_DUP2, child_ends[0], CHROMIUM_READS_FD),
                 (os.POSIX_SPAWN_DUP2, child_ends[1], CHROMIUM_WRITES_FD),
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
