@@ -2394,13 +2394,19 @@ def talking(tmp_path_factory):
 
 
 def lines_of(process, act):
-    """The lines that ``act()`` leaves on the process's standard error: those between two marks,
-    two refused requests made before and after it."""
+    """The lines that ``act(connection)`` leaves on the process's standard error: those between
+    two marks, two refused requests made before and after it on the same connection. A line is
+    written after its answer is sent, so only on one connection is the order of two lines that of
+    their requests."""
     mark = uuid.uuid4().hex
-    send(process.url, "GET", f"/before-{mark}")
-    process.wait_for_line(f"/before-{mark}")
-    act()
-    send(process.url, "GET", f"/after-{mark}")
+    connection = http.client.HTTPConnection(*process.address, timeout=30)
+    try:
+        send(process.url, "GET", f"/before-{mark}", connection=connection)
+        process.wait_for_line(f"/before-{mark}")
+        act(connection)
+        send(process.url, "GET", f"/after-{mark}", connection=connection)
+    finally:
+        connection.close()
     lines = []
     while True:
         line = process.lines.get(timeout=30)
@@ -2409,16 +2415,22 @@ def lines_of(process, act):
         lines.append(line)
 
 
+def posting(path, body, **options):
+    """An act for ``lines_of``: one POST on its connection."""
+    return lambda connection: send(f"http://{connection.host}:{connection.port}", "POST", path,
+                                   body, connection=connection, **options)
+
+
 def test_a_line_names_each_event_of_a_small_request_and_who_sent_it(talking):
-    [single] = lines_of(talking, lambda: post(talking.url, "/v1/track",
-                                              track("ada", "Signed Up", anonymousId="a1")))
+    [single] = lines_of(talking, posting("/v1/track",
+                                         track("ada", "Signed Up", anonymousId="a1")))
     assert re.search(LINE_TIME + r'200 /v1/track track "Signed Up" · user ada, anonymous a1$',
                      single)
-    [small_batch] = lines_of(talking, lambda: post(talking.url, "/v1/batch", {"batch": [
+    [small_batch] = lines_of(talking, posting("/v1/batch", {"batch": [
         {"type": "page", "anonymousId": "a9", "name": "Home"}, {"type": "identify", "userId": "bo"},
         {"type": "track", "userId": "bo", "event": "Clicked"}]}))
     assert small_batch.endswith('200 /v1/batch page "Home", identify, track "Clicked" · user bo')
-    [page] = lines_of(talking, lambda: post(talking.url, "/v1/page", {"anonymousId": "a9"}))
+    [page] = lines_of(talking, posting("/v1/page", {"anonymousId": "a9"}))
     assert page.endswith("200 /v1/page page · anonymous a9")
 
 
@@ -2426,41 +2438,41 @@ def test_a_large_batch_is_one_readable_line(talking):
     events = ([track(f"user{n}", "Order Completed") for n in range(60)]
               + [track(f"user{n}", "Clicked") for n in range(30)]
               + [{"type": "page", "anonymousId": f"a{n}", "name": "Home"} for n in range(10)])
-    [line] = lines_of(talking, lambda: post(talking.url, "/v1/batch", {
+    [line] = lines_of(talking, posting("/v1/batch", {
         "batch": [{"type": "track", **event} for event in events]}))
     assert line.endswith('200 /v1/batch 100 events: 90 track ("Order Completed" ×60, '
                          '"Clicked" ×30), 10 page ("Home" ×10) · user user0, user1 +58')
 
 
 def test_warnings_are_counted_in_the_requests_line_with_the_first_one(talking):
-    [line] = lines_of(talking, lambda: post(talking.url, "/v1/batch", {
+    [line] = lines_of(talking, posting("/v1/batch", {
         "batch": [{"type": "track", "userId": "u"}] * 500}))  # one line, not one an event
     assert line.endswith('· 500 warnings (batch[0].event: track needs a non-empty "event")')
 
 
 def test_a_refusal_says_status_message_and_detail(talking):
-    [too_large] = lines_of(talking, lambda: post(talking.url, "/v1/batch", batch_of(
+    [too_large] = lines_of(talking, posting("/v1/batch", batch_of(
         track(), track(properties={"pad": "x" * 300}))))
     assert re.search(LINE_TIME + r"413 POST /v1/batch request size exceeds max limit \(batch\[1\] "
                      r"is \d+ bytes as compact JSON, over --max-event-bytes 200\)$", too_large)
-    [no_key] = lines_of(talking, lambda: post(talking.url, "/v1/track", track(), key=None))
+    [no_key] = lines_of(talking, posting("/v1/track", track(), key=None))
     assert no_key.endswith("401 POST /v1/track failed to read writekey from header")
 
 
 def test_other_requests_leave_a_line_only_when_refused(talking):
-    def requests():
+    def requests(connection):
         for path in ["/health", "/version", "/rudderlite/events", "/rudderlite/",
                      "/sourceConfig/"]:
-            assert send(talking.url, "GET", path).status == 200
-        send(talking.url, "OPTIONS", "/v1/track", key=None)
-        send(talking.url, "POST", "/health", key=None)
+            assert send(talking.url, "GET", path, connection=connection).status == 200
+        send(talking.url, "OPTIONS", "/v1/track", key=None, connection=connection)
+        send(talking.url, "POST", "/health", key=None, connection=connection)
 
     [line] = lines_of(talking, requests)
     assert line.endswith("405 POST /health method not allowed")
 
 
 def test_names_and_ids_cannot_move_the_terminal(talking):
-    [line] = lines_of(talking, lambda: post(talking.url, "/v1/track", track(
+    [line] = lines_of(talking, posting("/v1/track", track(
         "\x1b[2J\x1b[Hmallory", "\x1b]0;title\x07Bought\x9b31m")))
     assert "\x1b" not in line and "\x07" not in line and "\x9b" not in line
     assert "mallory" in line and "Bought" in line
