@@ -2551,21 +2551,26 @@ def _keyword_multiple_of(cxt: _Cxt, divisor, group):
         errors, "multipleOf", message, path, schema_path)
 
 
-# ---- Keywords for strings ---------------------------------------------------------------------
+# ---- Keywords that bound a count: of strings, arrays and objects ------------------------------
 
 
-def _keyword_length(keyword: str):
-    def compile_length(cxt: _Cxt, limit, group):
+def _keyword_count(keyword: str, counted: str):
+    """maxLength and minLength, maxItems and minItems, maxProperties and minProperties: a bound on
+    ``len()`` of a string (in code points, as Ajv's ucs2length counts), an array or an object."""
+    def compile_count(cxt: _Cxt, limit, group):
         _check_schema_type(cxt, keyword, limit, "number")
         schema_path = f"{cxt.path}/{keyword}"
-        if keyword == "maxLength":
-            message = f"must NOT have more than {js_number_text(limit)} characters"
+        if keyword.startswith("max"):
+            message = f"must NOT have more than {js_number_text(limit)} {counted}"
             return lambda data, path, errors, frame: len(data) <= limit or _fail(
                 errors, keyword, message, path, schema_path)
-        message = f"must NOT have fewer than {js_number_text(limit)} characters"
+        message = f"must NOT have fewer than {js_number_text(limit)} {counted}"
         return lambda data, path, errors, frame: len(data) >= limit or _fail(
             errors, keyword, message, path, schema_path)
-    return compile_length
+    return compile_count
+
+
+# ---- Keywords for strings ---------------------------------------------------------------------
 
 
 def _keyword_pattern(cxt: _Cxt, source, group):
@@ -2621,20 +2626,6 @@ def _keyword_format_limit(keyword: str):
 
 
 # ---- Keywords for arrays ----------------------------------------------------------------------
-
-
-def _keyword_item_count(keyword: str):
-    def compile_count(cxt: _Cxt, limit, group):
-        _check_schema_type(cxt, keyword, limit, "number")
-        schema_path = f"{cxt.path}/{keyword}"
-        if keyword == "maxItems":
-            message = f"must NOT have more than {js_number_text(limit)} items"
-            return lambda data, path, errors, frame: len(data) <= limit or _fail(
-                errors, keyword, message, path, schema_path)
-        message = f"must NOT have fewer than {js_number_text(limit)} items"
-        return lambda data, path, errors, frame: len(data) >= limit or _fail(
-            errors, keyword, message, path, schema_path)
-    return compile_count
 
 
 def _each_item(subschema, start: int = 0):
@@ -2898,20 +2889,6 @@ def _schema_names(schemas) -> list:
     """Ajv's allSchemaProperties: a map's keys in JavaScript order, except __proto__."""
     return [name for name in js_key_order(schemas) if name != "__proto__"] if type(
         schemas) is dict else []
-
-
-def _keyword_property_count(keyword: str):
-    def compile_count(cxt: _Cxt, limit, group):
-        _check_schema_type(cxt, keyword, limit, "number")
-        schema_path = f"{cxt.path}/{keyword}"
-        if keyword == "maxProperties":
-            message = f"must NOT have more than {js_number_text(limit)} properties"
-            return lambda data, path, errors, frame: len(data) <= limit or _fail(
-                errors, keyword, message, path, schema_path)
-        message = f"must NOT have fewer than {js_number_text(limit)} properties"
-        return lambda data, path, errors, frame: len(data) >= limit or _fail(
-            errors, keyword, message, path, schema_path)
-    return compile_count
 
 
 def _keyword_required(cxt: _Cxt, names, group):
@@ -3294,13 +3271,13 @@ _KEYWORDS = {
     "nullable": _keyword_nullable,
     **{keyword: _keyword_limit(keyword) for keyword in _LIMITS},
     "multipleOf": _keyword_multiple_of,
-    "maxLength": _keyword_length("maxLength"),
-    "minLength": _keyword_length("minLength"),
+    "maxLength": _keyword_count("maxLength", "characters"),
+    "minLength": _keyword_count("minLength", "characters"),
     "pattern": _keyword_pattern,
     "format": _keyword_format,
     **{keyword: _keyword_format_limit(keyword) for keyword in _FORMAT_LIMITS},
-    "maxItems": _keyword_item_count("maxItems"),
-    "minItems": _keyword_item_count("minItems"),
+    "maxItems": _keyword_count("maxItems", "items"),
+    "minItems": _keyword_count("minItems", "items"),
     "additionalItems": _keyword_additional_items,
     "items": _keyword_items,
     "contains": _keyword_contains,
@@ -3308,8 +3285,8 @@ _KEYWORDS = {
     "maxContains": _keyword_contains_limit("maxContains"),
     "minContains": _keyword_contains_limit("minContains"),
     "unevaluatedItems": _keyword_unevaluated_items,
-    "maxProperties": _keyword_property_count("maxProperties"),
-    "minProperties": _keyword_property_count("minProperties"),
+    "maxProperties": _keyword_count("maxProperties", "properties"),
+    "minProperties": _keyword_count("minProperties", "properties"),
     "required": _keyword_required,
     "propertyNames": _keyword_property_names,
     "additionalProperties": _keyword_additional_properties,
