@@ -5780,6 +5780,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           file=sys.stderr if config.print_events else sys.stdout)  # --print: stdout is events
     logger.info("events go to %s; see them live at %s/rudderlite/",
                 os.path.abspath(server.store.path), server.url)
+    if server.plans.path:
+        plan = server.plans.current()
+        logger.info("checking events against tracking plan %s, version %s, from %s",
+                    plan.id, plan.version, server.plans.path)
     stop_requests.recv(1)
     for signal_number in STOP_SIGNALS:  # a second signal while stopping, or while Python exits,
         signal.signal(signal_number, signal.SIG_IGN)  # must not kill the process half-way

@@ -3821,6 +3821,8 @@ def test_an_edited_plan_is_used_from_the_next_request_and_a_broken_edit_keeps_th
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"id": "tp", "version": 1, "events": []}))
     process = processes("--tracking-plan", str(path))
+    assert process.wait_for_line("tracking plan").endswith(
+        f"checking events against tracking plan tp, version 1, from {path}")
     post(process.url, "/v1/track", track())  # unplanned under version 1
     path.write_text(json.dumps({"id": "tp", "version": 2, "events": [
         {"name": "Order Completed", "eventType": "track", "rules": {}}]}))
