@@ -3778,18 +3778,21 @@ def plan_verdict(plan: TrackingPlan, event: dict) -> Verdict:
 
 
 def read_plan_file(path: str):
-    """The tracking plan file's JSON; the plan's id defaults to the file's name without
-    extension."""
+    """The tracking plan in a file; the plan's id defaults to the file's name without extension.
+    Why a file cannot be used starts with its path (the one given: it may be relative)."""
     try:
         with open(path, "rb") as file:
             content = file.read()
     except OSError as error:
-        raise PlanUnusable(error.strerror or str(error)) from None
+        raise PlanUnusable(f"{path}: {error.strerror or error}") from None
     try:
         document = parse_json(content)
     except Rejection:
-        raise PlanUnusable(f"{path} is not JSON") from None
-    return load_tracking_plan(document, os.path.splitext(os.path.basename(path))[0])
+        raise PlanUnusable(f"{path}: not JSON") from None
+    try:
+        return load_tracking_plan(document, os.path.splitext(os.path.basename(path))[0])
+    except PlanUnusable as error:
+        raise PlanUnusable(f"{path}: {error}") from None
 
 
 def file_signature(path: str) -> Optional[Tuple[int, int, int]]:
@@ -3821,7 +3824,9 @@ class TrackingPlans:
 
     def _checked(self, plan):
         if plan.problems and self.strict:
-            raise PlanUnusable(f"{plan.problems[0]} (--strict refuses a rule it cannot check)")
+            where = f"{self.path}: " if self.path else ""
+            raise PlanUnusable(f"{where}{plan.problems[0]} (--strict refuses a rule it cannot "
+                               f"check)")
         for problem in plan.problems:
             logger.warning("tracking plan: %s; its events pass unchecked", problem)
         return plan
@@ -3842,8 +3847,8 @@ class TrackingPlans:
         try:
             plan = self._checked(read_plan_file(self.path))
         except PlanUnusable as error:
-            logger.warning("tracking plan %s changed but cannot be used (%s); still checking with "
-                           "the previous one", self.path, error)
+            logger.warning("tracking plan changed but cannot be used (%s); still checking with the "
+                           "previous one", error)
             return
         self._plan = plan
         logger.warning("tracking plan %s changed: checking with version %s from now on",
@@ -5726,7 +5731,7 @@ def positive_number(text: str) -> int:
 def start_problem(config: Config, error: Exception) -> str:
     """What stopped the start, in one line that says what to do."""
     if isinstance(error, PlanUnusable):
-        return f"cannot use --tracking-plan {config.tracking_plan}: {error}"
+        return f"cannot use --tracking-plan {error}"  # which starts with the file's path
     if getattr(error, "filename", None):
         return (f"cannot use --data-dir {config.data_dir}: {error.strerror or error}; give a "
                 f"directory rudderlite may write to, or one that does not exist yet")

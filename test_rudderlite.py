@@ -3755,7 +3755,7 @@ def test_the_plan_id_defaults_to_the_file_name(make_server, tmp_path):
 
 
 @pytest.mark.parametrize("content,says", [
-    (b"{not json", "is not JSON"), (b"[]", "not a tracking plan"),
+    (b"{not json", "not JSON"), (b"[]", "not a tracking plan"),
     (b'{"id": "x", "events": "no"}', "not a tracking plan")])
 def test_a_plan_file_that_cannot_be_used_stops_the_start(tmp_path, content, says):
     path = tmp_path / "plan.json"
@@ -3765,8 +3765,22 @@ def test_a_plan_file_that_cannot_be_used_stops_the_start(tmp_path, content, says
                             capture_output=True, timeout=30, env=child_environment())
     assert result.returncode == 2
     [line] = result.stderr.decode().splitlines()
-    assert line.startswith(f"rudderlite: cannot use --tracking-plan {path}: ") and says in line
+    assert line == f"rudderlite: cannot use --tracking-plan {path}: {says}" or (
+        line.startswith(f"rudderlite: cannot use --tracking-plan {path}: {says}: "))
     assert not os.path.exists(tmp_path / "data")
+
+
+def test_a_plan_file_that_cannot_be_used_is_named_when_embedding_too(make_server, tmp_path):
+    """``tracking_plan="plan.json"`` is read from the current directory: the error says which
+    file it looked for."""
+    for content, says in [(None, "No such file or directory"), (b"{", "not JSON"),
+                          (b"[]", "not a tracking plan")]:
+        path = tmp_path / "plan.json"
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(rudderlite.PlanUnusable) as refused:
+            make_server(tracking_plan=str(path))
+        assert str(refused.value).startswith(f"{path}: {says}")
 
 
 UNCOMPILABLE_RULES = [
