@@ -239,6 +239,8 @@ class Process:
         if "--print" in options:
             self.first_line = self.wait_for_line(r"rudderlite listening on ")
         else:
+            ready, _, _ = select.select([listening_stream], [], [], 30)
+            assert ready, f"no listening line within 30 s: {self.seen}"
             self.first_line = listening_stream.readline().decode().rstrip("\n")
         self.url = self.first_line.rsplit(" ", 1)[-1]
         self.address = urllib.parse.urlsplit(self.url).netloc.rsplit(":", 1)
@@ -1952,11 +1954,12 @@ def test_fsync_always_shares_fsyncs_between_concurrent_requests(tmp_path):
         for number in range(50):
             store.append(json.dumps(track(event=f"e{number}")).encode() + b"\n")
 
-    writers = [threading.Thread(target=append_fifty) for _ in range(16)]
+    writers = [threading.Thread(target=append_fifty, daemon=True) for _ in range(16)]
     for writer in writers:
         writer.start()
     for writer in writers:
-        writer.join()
+        writer.join(30)
+    assert not any(writer.is_alive() for writer in writers), "an append waited for ever"
     store.close()
     assert len(stored_events(str(tmp_path))) == 800
     assert 0 < store.fsyncs < 800
@@ -2353,7 +2356,7 @@ def sign_up_in_the_background(url, delay):
         request = urllib.request.Request(
             url + "/v1/batch", method="POST", headers={"Authorization": basic_auth("test-key")},
             data=json.dumps(batch_of(track("ada", "Signed Up"))).encode())
-        urllib.request.urlopen(request).read()
+        urllib.request.urlopen(request, timeout=30).read()
 
     timer = threading.Timer(delay, send_later)
     timer.start()
@@ -2367,7 +2370,7 @@ def test_readme_fixture_waits_for_what_an_sdk_sends_late(rudderstack):
 
 
 def test_wait_for_says_what_came_instead_when_the_time_is_up(rudderstack):
-    sign_up_in_the_background(rudderstack.url, delay=0).join()
+    sign_up_in_the_background(rudderstack.url, delay=0).join(30)
     with pytest.raises(AssertionError, match="Signed Up"):
         rudderstack.wait_for("test-key", count=1, timeout=0.1, event="Logged In")
     with pytest.raises(AssertionError, match="1 more arrived with other keys"):
@@ -2375,7 +2378,7 @@ def test_wait_for_says_what_came_instead_when_the_time_is_up(rudderstack):
 
 
 def test_received_and_wait_for_follow_a_cursor(rudderstack):
-    sign_up_in_the_background(rudderstack.url, delay=0).join()
+    sign_up_in_the_background(rudderstack.url, delay=0).join(30)
     cursor = rudderstack.cursor
     assert rudderstack.received("test-key", after=cursor) == []
     sign_up_in_the_background(rudderstack.url, delay=0.1)
