@@ -66,6 +66,10 @@ import uuid
 import zlib
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
+if sys.version_info < (3, 9):  # Python 3.8 would start, then answer every event with a 500
+    raise SystemExit(f"rudderlite: needs Python 3.9 or newer; this is Python "
+                     f"{sys.version_info[0]}.{sys.version_info[1]}")
+
 __version__ = "0.2.0"
 
 logger = logging.getLogger("rudderlite")

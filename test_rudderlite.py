@@ -404,6 +404,19 @@ def test_bad_option_is_one_line_that_says_what_is_wrong_and_exit_2(capsys, optio
     assert "--help" in lines[0] and "positive_int" not in lines[0]
 
 
+def test_an_older_python_is_told_in_one_line_before_anything_starts(tmp_path):
+    """Python 3.8 imports the module, so without a check it would start and then answer every event
+    with a 500 (Ubuntu 20.04 still has 3.8)."""
+    older = shutil.which("python3.8")
+    if older is None or subprocess.run([older, "-c", "pass"], capture_output=True).returncode:
+        pytest.skip("no Python 3.8 to try")
+    result = subprocess.run([older, os.path.join(HERE, "rudderlite.py")], capture_output=True,
+                            timeout=30, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.decode() == "rudderlite: needs Python 3.9 or newer; this is Python 3.8\n"
+    assert not os.path.exists(tmp_path / "rudderlite-data")
+
+
 def test_a_bad_option_on_the_real_command_line_creates_nothing(tmp_path):
     result = subprocess.run(rudderlite_command("--port", "abc"), capture_output=True, timeout=30,
                             cwd=tmp_path, env=child_environment())
